@@ -1,0 +1,384 @@
+"""pydantic v2 models of stages.yaml, YAML loading with line numbers, and ``--set`` overrides.
+
+The top-level model is assembled from the registries (stage types, KD methods), so a stage type or method
+added by a plugin is validated and appears in ``kdpipe schema`` without touching this file. Every model
+forbids unknown keys; every error is reported as ``file:line: field.path: message`` with a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    model_validator,
+)
+
+from kdpipe.errors import ConfigError
+from kdpipe.registry import suggest
+
+
+class StrictModel(BaseModel):
+    """Base for every config model: unknown keys are errors, assignments are validated, docs go to the schema."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+DataKind = Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"]
+Augment = Literal["cifar", "crop", "imagenet", "none"]
+
+
+class DataConfig(StrictModel):
+    """The dataset every stage of a run uses."""
+
+    kind: DataKind = "digits"
+    """digits (scikit-learn's bundled 8x8 digits, no download) | cifar10 | cifar100 (torchvision format) |
+    imagefolder (folder or .tar/.tar.gz with train/<class>/*, test/<class>/*) | synthetic (unit tests only)."""
+    root: Path | None = None
+    """Dataset location; relative paths are resolved against the stages.yaml's folder. Required for
+    cifar10, cifar100 and imagefolder."""
+    image_size: PositiveInt | None = None
+    """Side length in pixels the images are resized to. Default: 16 for digits, the native size otherwise."""
+    augment: Augment = "cifar"
+    """Training augmentation: cifar (random crop with padding + horizontal flip), crop (the same without the flip,
+    for data where a mirror image is another class, like digits), imagenet (random resized crop + flip), none."""
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of the train split held out (seeded, stratified) as a validation split. Accuracy is reported on test."""
+    download: bool = False
+    """cifar10/cifar100 only: download into root when missing (needs internet)."""
+    cache_dir: Path | None = None
+    """Where decoded uint8 tensors are cached. Default: $KDPIPE_CACHE or ~/.cache/kdpipe."""
+    num_classes: PositiveInt = 10
+    """synthetic only: number of classes."""
+    num_samples: PositiveInt = 256
+    """synthetic only: number of train images (test gets a quarter)."""
+
+    @model_validator(mode="after")
+    def _root_required(self) -> DataConfig:
+        if self.kind in ("cifar10", "cifar100", "imagefolder") and self.root is None:
+            raise ValueError(f"data.root is required for kind {self.kind!r}: set it to the dataset folder or archive")
+        return self
+
+
+class ScheduleConfig(StrictModel):
+    """Learning-rate schedule, stepped once per epoch."""
+
+    name: Literal["step", "cosine", "constant"] = "cosine"
+    milestones: list[PositiveInt] = Field(default_factory=list)
+    """step only: epochs at which the lr is multiplied by gamma."""
+    gamma: PositiveFloat = 0.1
+    warmup_epochs: int = Field(0, ge=0)
+    """Linear warm-up from lr/10 over this many epochs."""
+
+
+class TrainConfig(StrictModel):
+    """Optimisation settings shared by teacher training and distillation."""
+
+    epochs: PositiveInt
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 0.05
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """sgd only."""
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0.0)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    eval_every: PositiveInt = 1
+    """Evaluate on the val split (test when val_fraction is 0) every this many epochs, and after the last."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stage config base and the top-level model (assembled from the stage registry)
+# ---------------------------------------------------------------------------------------------------------------------
+
+STAGE_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
+"""Stage names become folder names and CLI arguments: keep them plain."""
+
+
+class StageConfig(StrictModel):
+    """Fields every stage has. Each stage type subclasses this with ``type: Literal["<name>"]``."""
+
+    type: str
+    needs: list[str] | None = None
+    """Stages this one depends on. Default: the stage before it in the file (none for the first)."""
+
+
+class PipelineBase(StrictModel):
+    """Top-level fields of stages.yaml other than ``stages``."""
+
+    version: Literal[1] = 1
+    """Schema version of this file."""
+    name: str = Field(pattern=STAGE_NAME_PATTERN)
+    """Run name; the run directory defaults to runs/<name>."""
+    seed: int = 0
+    """Seeds data splits, shuffling, augmentation and initialisation."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu) | cpu | cuda | cuda:N."""
+    data: DataConfig = Field(default_factory=DataConfig)
+
+
+def _stage_union() -> Any:
+    from kdpipe.registry import STAGES
+
+    models = tuple(entry.obj.Config for entry in STAGES)  # type: ignore[attr-defined]
+    if not models:
+        raise RuntimeError("no stage types are registered: import kdpipe.stages before loading a config")
+    return Annotated[Union[models], Field(discriminator="type")]  # noqa: UP007  (a runtime tuple of classes)
+
+
+_PIPELINE_MODEL: type[PipelineBase] | None = None
+
+
+def get_pipeline_model() -> type[PipelineBase]:
+    """The pydantic model of a whole stages.yaml, built once from the registered stage types."""
+    global _PIPELINE_MODEL
+    if _PIPELINE_MODEL is None:
+        union = _stage_union()
+        _PIPELINE_MODEL = create_model(
+            "PipelineConfig",
+            __base__=PipelineBase,
+            __doc__="A kdpipe stages.yaml.",
+            stages=(dict[str, union], Field(min_length=1, description="Stages, run in file order.")),  # type: ignore[valid-type]
+        )
+    return _PIPELINE_MODEL
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading: YAML with line numbers, --set overrides, error formatting
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedConfig:
+    """A validated config with where it came from (for error locations, relative paths and the run directory)."""
+
+    config: Any  # an instance of get_pipeline_model()
+    path: Path
+    base_dir: Path
+    raw: dict[str, Any]
+    lines: dict[tuple[str | int, ...], int]
+
+    def line_of(self, loc: tuple[str | int, ...]) -> int | None:
+        return lookup_line(self.lines, loc)
+
+    def where(self, loc: tuple[str | int, ...]) -> str:
+        line = self.line_of(loc)
+        return f"{self.path}:{line}" if line else str(self.path)
+
+
+class _SafeLineLoader(yaml.SafeLoader):
+    """SafeLoader (no object-constructing tags) that refuses duplicate keys."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_SafeLineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _collect_lines(node: yaml.Node, prefix: tuple[str | int, ...], out: dict[tuple[str | int, ...], int]) -> None:
+    out[prefix] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            out[(*prefix, key)] = key_node.start_mark.line + 1
+            _collect_lines(value_node, (*prefix, key), out)
+            out[(*prefix, key)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _collect_lines(item, (*prefix, i), out)
+
+
+def lookup_line(lines: dict[tuple[str | int, ...], int], loc: tuple[str | int, ...]) -> int | None:
+    """Line of the deepest prefix of ``loc`` present in the file. Elements that are not keys (a discriminated
+    union's tag that pydantic inserts into locations) are skipped."""
+    best: int | None = lines.get(())
+    path: tuple[str | int, ...] = ()
+    for part in loc:
+        candidate = (*path, part)
+        if candidate in lines:
+            path = candidate
+            best = lines[candidate]
+    return best
+
+
+def parse_yaml(text: str, path: Path) -> tuple[dict[str, Any], dict[tuple[str | int, ...], int]]:
+    """Parse a stages.yaml safely; returns the mapping and a location -> line map."""
+    if not text.strip():
+        raise ConfigError(f"{path}: the file is empty", hint="start from examples/digits.yaml")
+    try:
+        node = yaml.compose(text, Loader=_SafeLineLoader)
+        data = yaml.load(text, Loader=_SafeLineLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = " ".join(p for p in (exc.context, exc.problem) if p)
+        raise ConfigError(f"{where}: YAML syntax error: {what}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: YAML error: {exc}") from exc
+    if node is None or data is None:
+        raise ConfigError(f"{path}: the file is empty", hint="start from examples/digits.yaml")
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise ConfigError(f"{path}:1: the top level must be a mapping (version, name, data, stages), not a {kind}")
+    lines: dict[tuple[str | int, ...], int] = {}
+    _collect_lines(node, (), lines)
+    return data, lines
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``--set a.b.c=value`` in place; the value is parsed as a YAML scalar/flow value."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value, e.g. --set stages.distill.train.epochs=5")
+    key, _, raw_value = assignment.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: the key is empty")
+    try:
+        value = yaml.load(raw_value, Loader=_SafeLineLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML: {exc}") from exc
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part) if isinstance(node, dict) else None
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {assignment!r}: {'.'.join(parts[: i + 1])} is a value, not a mapping")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def format_validation_error(exc: ValidationError, path: Path, lines: dict[tuple[str | int, ...], int]) -> str:
+    """One line per problem: ``file:line: field.path: message`` with did-you-mean for unknown keys and tags."""
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        line = lookup_line(lines, loc)
+        where = f"{path}:{line}" if line else str(path)
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        out.append(f"{where}: {field}: {_describe(err, loc)}")
+    return "\n".join(out)
+
+
+def _describe(err: Any, loc: tuple[str | int, ...]) -> str:
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        hint = suggest(str(loc[-1]), allowed) if allowed else ""
+        valid = f"; valid keys: {', '.join(allowed)}" if allowed else ""
+        return f"unknown key {loc[-1]!r}{hint}{valid}"
+    if kind == "union_tag_invalid":
+        expected = [t.strip().strip("'") for t in str(ctx.get("expected_tags", "")).split(",")]
+        disc = str(ctx.get("discriminator", "")).strip("'")
+        label = "stage type" if disc == "type" else "method" if disc == "name" else disc
+        tag = str(ctx.get("tag"))
+        return f"unknown {label} {tag!r}{suggest(tag, expected)}; choose one of: {', '.join(expected)}"
+    if kind == "union_tag_not_found":
+        disc = str(ctx.get("discriminator", "")).strip("'")
+        return f"missing '{disc}'"
+    if kind == "missing":
+        return "required field is missing"
+    msg = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix) :]
+    return msg
+
+
+def _allowed_keys(loc: tuple[str | int, ...]) -> list[str]:
+    """Field names of the model at ``loc`` (best effort, for did-you-mean on unknown keys)."""
+    ann: Any = get_pipeline_model()
+    for part in loc:
+        ann = _unwrap(ann)
+        origin = get_origin(ann)
+        if origin is dict:
+            ann = get_args(ann)[1]
+        elif origin is list:
+            ann = get_args(ann)[0]
+        elif origin in (Union, types.UnionType):
+            # a discriminated union: pydantic puts the tag (stage type, method name) into the location
+            ann = _union_member(ann, str(part))
+            if ann is None:
+                return []
+        elif part in getattr(ann, "model_fields", {}):
+            ann = ann.model_fields[part].annotation
+        else:
+            return []
+    fields = getattr(_unwrap(ann), "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Annotated[...] and Optional[...] down to the type inside."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+            continue
+        if origin in (Union, types.UnionType):
+            members = [a for a in get_args(annotation) if a is not type(None)]
+            if len(members) == 1:
+                annotation = members[0]
+                continue
+        return annotation
+
+
+def _union_member(annotation: Any, tag: str) -> Any:
+    for member in get_args(annotation):
+        fields = getattr(member, "model_fields", {})
+        for disc in ("type", "name"):
+            f = fields.get(disc)
+            if f is not None and tag in get_args(f.annotation):
+                return member
+    return None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedConfig:
+    """Read, override and validate a stages.yaml. Raises ConfigError with file:line locations."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file", hint="pass the path of a stages.yaml, e.g. examples/digits.yaml")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; pass the stages.yaml file inside it")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the file: {exc}") from exc
+    data, lines = parse_yaml(text, path)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    base_dir = path.absolute().parent
+    model = get_pipeline_model()
+    try:
+        config = model.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, path, lines)) from None
+    return LoadedConfig(config=config, path=path, base_dir=base_dir, raw=data, lines=lines)
+
+
+def resolve_path(value: Path, info: ValidationInfo | None) -> Path:
+    """Resolve a user path against the stages.yaml folder (passed as validation context ``base_dir``)."""
+    value = Path(os.path.expanduser(str(value)))
+    base = (info.context or {}).get("base_dir") if info is not None else None
+    return value if value.is_absolute() or base is None else Path(base) / value

@@ -1,0 +1,58 @@
+"""Error types. Each maps to one process exit code (DESIGN.md §3), so the CLI never needs a traceback.
+
+A message must say what is wrong, where (file:line, field, or path) and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class KdpipeError(Exception):
+    """Base of every error kdpipe reports to a user. ``exit_code`` is what ``kdpipe`` exits with."""
+
+    exit_code: int = 5
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class ConfigError(KdpipeError):
+    """The stages.yaml, a --set override or a command-line argument is invalid (exit 2)."""
+
+    exit_code = 2
+
+
+class DataError(KdpipeError):
+    """A dataset path, archive or file is missing or malformed (exit 3)."""
+
+    exit_code = 3
+
+
+class GateFailed(KdpipeError):
+    """A verify or parity gate was not met (exit 4). The stage's report is written before this is raised."""
+
+    exit_code = 4
+
+
+class StageError(KdpipeError):
+    """A stage crashed while running (exit 5)."""
+
+    exit_code = 5
+
+
+class ExportError(StageError):
+    """Exporting or converting a model failed (exit 5)."""
+
+
+class RunLocked(ConfigError):
+    """Another live ``kdpipe run`` holds the run directory (exit 2: a usage error, nothing was touched)."""
+
+
+class Interrupted(KdpipeError):
+    """The run was stopped by SIGINT/SIGTERM after saving a checkpoint; rerunning resumes it (exit 130)."""
+
+    exit_code = 130

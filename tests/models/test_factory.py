@@ -1,0 +1,282 @@
+"""Model factory: names, construction, weight files and every way loading one can fail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
+from safetensors.torch import save_file
+
+import kdpipe.models.factory as factory
+from kdpipe.errors import ConfigError, DataError
+from kdpipe.models import (
+    check_model_name,
+    count_params,
+    create_model,
+    list_kdpipe_models,
+    list_models,
+    load_weights,
+    read_weights_metadata,
+    save_weights,
+)
+
+
+class NotATensor:
+    """Stands in for any object a pickle would have to import and construct."""
+
+
+def _model(name: str = "resnet8", seed: int = 0, **kwargs: object) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create_model(name, num_classes=kwargs.pop("num_classes", 100), **kwargs).eval()  # type: ignore[arg-type]
+
+
+def _same_outputs(a: torch.nn.Module, b: torch.nn.Module, in_chans: int = 3) -> bool:
+    x = torch.randn(2, in_chans, 32, 32)
+    with torch.no_grad():
+        return torch.equal(a.eval()(x), b.eval()(x))
+
+
+# --- names ---
+
+
+def test_list_models_includes_timm_and_kdpipe() -> None:
+    names = list_models()
+    assert {"resnet18", "resnet8x4", "wrn_40_2", "mobilenetv2_x0_5_cifar"} <= set(names)
+    assert list_models("wrn_*") == ["wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"]
+
+
+def test_list_kdpipe_models() -> None:
+    ours = list_kdpipe_models()
+    assert len(ours) == 14
+    assert "resnet18" not in ours and "resnet32x4" in ours
+    assert all(timm.is_model(n) for n in ours)
+
+
+@pytest.mark.parametrize("name", ["resnet8x4", "resnet18", "resnet18.a1_in1k", "hf-hub:timm/resnet18.a1_in1k"])
+def test_check_model_name_accepts(name: str) -> None:
+    check_model_name(name, "stages.teacher.model")
+
+
+def test_check_model_name_suggests_and_builds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_build(*_a: object, **_k: object) -> None:
+        raise AssertionError("check_model_name must not construct a model")
+
+    monkeypatch.setattr(timm, "create_model", no_build)
+    with pytest.raises(ConfigError) as err:
+        check_model_name("resnet8x5", "stages.distill.student")
+    text = str(err.value)
+    assert text.startswith("stages.distill.student: unknown model 'resnet8x5' (did you mean 'resnet8x4'?)")
+    assert "kdpipe list models" in text
+    assert err.value.exit_code == 2
+
+
+# --- construction ---
+
+
+def test_create_model_sets_classes_and_channels() -> None:
+    model = create_model("wrn_16_1", num_classes=10, in_chans=1)
+    assert model.num_classes == 10 and model.in_chans == 1
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_create_model_unknown_name() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'wrn_40_2'"):
+        create_model("wrn_40_3", num_classes=100)
+
+
+def test_create_model_pretrained_without_published_weights() -> None:
+    with pytest.raises(ConfigError, match="no published pretrained weights") as err:
+        create_model("resnet8x4", num_classes=100, pretrained=True)
+    assert "checkpoint" in str(err.value)
+
+
+def test_create_model_pretrained_download_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*_a: object, **_k: object) -> None:
+        raise LocalEntryNotFoundError("cannot reach the Hugging Face hub")
+
+    monkeypatch.setattr(timm, "create_model", offline)  # never touch the network in tests
+    with pytest.raises(ConfigError, match="pretrained weights could not be downloaded") as err:
+        create_model("resnet18", num_classes=10, pretrained=True)
+    assert "weights: {checkpoint: " in str(err.value)
+    assert isinstance(err.value.__cause__, LocalEntryNotFoundError)
+
+
+def test_create_model_rejects_two_weight_sources(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="both pretrained weights and a checkpoint"):
+        create_model("resnet18", num_classes=10, pretrained=True, checkpoint=tmp_path / "w.safetensors")
+
+
+def test_create_model_loads_checkpoint(tmp_path: Path) -> None:
+    source = _model("resnet8", seed=1, num_classes=10)
+    path = save_weights(source, tmp_path / "w.safetensors", {})
+    assert _same_outputs(source, create_model("resnet8", num_classes=10, checkpoint=path))
+
+
+def test_count_params() -> None:
+    model = _model("resnet8")
+    assert count_params(model) == sum(p.numel() for p in model.parameters())
+    model.fc.requires_grad_(False)
+    assert count_params(model, trainable_only=True) == count_params(model) - 64 * 100 - 100
+
+
+# --- saving and loading ---
+
+
+def test_safetensors_round_trip(tmp_path: Path) -> None:
+    source = _model("mobilenetv2_x0_5_cifar", seed=1, num_classes=10, in_chans=1)
+    path = save_weights(source, tmp_path / "sub" / "student.safetensors", {"kd_method": "dkd"})
+    assert [p.name for p in path.parent.iterdir()] == ["student.safetensors"]  # no temporary file left behind
+    expected_meta = {"arch": "mobilenetv2_x0_5_cifar", "num_classes": "10", "in_chans": "1", "kd_method": "dkd"}
+    assert expected_meta.items() <= read_weights_metadata(path).items()
+    target = _model("mobilenetv2_x0_5_cifar", seed=2, num_classes=10, in_chans=1)
+    assert expected_meta.items() <= load_weights(target, path).items()
+    assert _same_outputs(source, target, in_chans=1)
+
+
+def test_save_weights_replaces_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = save_weights(_model("resnet8", seed=1), tmp_path / "w.safetensors", {"run": "first"})
+
+    def crash(*_a: object, **_k: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(factory, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_weights(_model("resnet8", seed=2), path, {"run": "second"})
+    assert read_weights_metadata(path)["run"] == "first"  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_save_weights_rejects_contradicting_metadata(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="num_classes"):
+        save_weights(_model("resnet8"), tmp_path / "w.safetensors", {"num_classes": "10"})
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin"])
+@pytest.mark.parametrize("layout", ["bare", "state_dict", "model", "model_state_dict"])
+def test_torch_file_round_trip(tmp_path: Path, suffix: str, layout: str) -> None:
+    source = _model("resnet8", seed=1)
+    # Keys as DistributedDataParallel writes them; nested files carry scalars beside the weights (CRD style).
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}
+    obj = state if layout == "bare" else {layout: state, "epoch": 240, "best_acc": torch.tensor(79.5)}
+    path = tmp_path / f"w{suffix}"
+    torch.save(obj, path)
+    target = _model("resnet8", seed=2)
+    meta = load_weights(target, path)
+    assert _same_outputs(source, target)
+    assert meta == ({} if layout == "bare" else {"epoch": "240", "best_acc": "79.5"})
+
+
+def test_pretrained_cfg_overlay_file_through_timm(tmp_path: Path) -> None:
+    source = _model("resnet8x4", seed=1)
+    path = save_weights(source, tmp_path / "teacher.safetensors", {})
+    loaded = timm.create_model("resnet8x4", pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    assert _same_outputs(source, loaded)
+    # Another head size: timm drops the file's classifier (named by the pretrained cfg) and keeps the trunk.
+    torch.manual_seed(3)
+    head10 = timm.create_model("resnet8x4", pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(head10.eval().forward_features(x), source.forward_features(x))
+    # One input channel: timm folds the file's RGB stem (named by first_conv) into a grayscale one.
+    gray = timm.create_model("mobilenetv2_x0_5_cifar", in_chans=1, num_classes=10)
+    gray_path = save_weights(_model("mobilenetv2_x0_5_cifar"), tmp_path / "mnv2.safetensors", {})
+    adapted = timm.create_model(
+        "mobilenetv2_x0_5_cifar", pretrained=True, pretrained_cfg_overlay={"file": str(gray_path)}, in_chans=1
+    )
+    assert adapted.conv1[0].weight.shape == gray.conv1[0].weight.shape
+
+
+# --- load errors: a DataError that names the file and the fix ---
+
+
+def _load_error(path: Path, model: torch.nn.Module | None = None) -> str:
+    with pytest.raises(DataError) as err:
+        load_weights(model if model is not None else _model("resnet8"), path)
+    assert err.value.exit_code == 3
+    text = str(err.value)
+    assert str(path) in text
+    return text
+
+
+def test_load_missing_file(tmp_path: Path) -> None:
+    assert "does not exist" in _load_error(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_load_text_file(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"weights{suffix}"
+    path.write_text("model: resnet8x4\nweights: {train: {epochs: 240}}\n")
+    text = _load_error(path)
+    assert "not a PyTorch checkpoint" in text or "not a valid safetensors file" in text
+
+
+def test_load_unsupported_suffix(tmp_path: Path) -> None:
+    path = tmp_path / "stages.yaml"
+    path.write_text("version: 1\n")
+    assert "unsupported weight file type '.yaml'" in _load_error(path)
+
+
+def test_load_truncated_torch_file(tmp_path: Path) -> None:
+    path = tmp_path / "w.pt"
+    torch.save(_model("resnet8").state_dict(), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert "truncated or corrupt" in _load_error(path)
+
+
+def test_load_truncated_safetensors(tmp_path: Path) -> None:
+    path = save_weights(_model("resnet8"), tmp_path / "w.safetensors", {})
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert "truncated" in _load_error(path)
+    with pytest.raises(DataError):
+        read_weights_metadata(path)
+
+
+def test_load_refuses_pickled_objects(tmp_path: Path) -> None:
+    path = tmp_path / "w.pt"
+    torch.save({"model": _model("resnet8").state_dict(), "config": NotATensor()}, path)
+    text = _load_error(path)
+    assert "refused" in text and "NotATensor" in text
+    assert "torch.save(model.state_dict()" in text  # the fix
+
+
+def test_load_file_without_state_dict(tmp_path: Path) -> None:
+    path = tmp_path / "w.pt"
+    torch.save({"epoch": 3, "lr": 0.1}, path)
+    assert "holds no state_dict" in _load_error(path)
+
+
+def test_load_wrong_num_classes(tmp_path: Path) -> None:
+    path = save_weights(_model("resnet8", num_classes=10), tmp_path / "w.safetensors", {})
+    text = _load_error(path, _model("resnet8", num_classes=100))
+    assert "2 shape mismatch(es)" in text and "fc.weight: file (10, 64) vs model (100, 64)" in text
+    assert "was it trained with num_classes=10?" in text
+
+
+def test_load_wrong_in_chans(tmp_path: Path) -> None:
+    path = tmp_path / "w.pt"
+    torch.save(_model("resnet8", in_chans=1).state_dict(), path)
+    assert "was it trained with in_chans=1?" in _load_error(path)
+
+
+def test_load_other_architecture(tmp_path: Path) -> None:
+    path = save_weights(_model("resnet8"), tmp_path / "w.safetensors", {})
+    text = _load_error(path, _model("resnet20"))
+    assert "missing key(s)" in text and "layer1.1.conv1.weight" in text
+    assert "saved from 'resnet8'" in text
+
+
+def test_load_other_architecture_torch_file(tmp_path: Path) -> None:
+    path = tmp_path / "w.pth"
+    torch.save(_model("wrn_16_1").state_dict(), path)
+    text = _load_error(path)
+    assert "missing key(s)" in text and "unexpected key(s)" in text
+
+
+def test_read_metadata_of_plain_safetensors(tmp_path: Path) -> None:
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    assert read_weights_metadata(path) == {}

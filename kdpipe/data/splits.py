@@ -1,0 +1,215 @@
+"""Train/val/test splits held fully in memory as uint8 tensors, and ``create_splits``, the entry point of the package.
+
+Every source (digits, cifar, imagefolder, synthetic) yields a train and a test split at the requested image size;
+this module carves the seeded, stratified validation split out of train and measures the normalisation
+statistics on what is left, so the numbers a model is trained with are the numbers of the data it sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdpipe.config import DataConfig
+from kdpipe.data.sources import load_source
+from kdpipe.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+def derive_seed(*parts: object) -> int:
+    """Mix ``parts`` (ints and short strings) into a 63-bit seed for a dedicated ``torch.Generator``.
+
+    Hashing instead of ``seed + epoch`` keeps streams for different purposes (val split, epoch shuffle, batch
+    augmentation) statistically independent even when their integer parts collide.
+    """
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True, eq=False)
+class TensorSplit:
+    """One split, fully in memory: uint8 images ``(N, C, H, W)`` already at the target size, int64 labels ``(N,)``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
+            raise ValueError(f"labels must be int64 (N,), got {self.labels.dtype} {tuple(self.labels.shape)}")
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def select(self, indices: torch.Tensor) -> TensorSplit:
+        """Return the samples at ``indices`` (a copy), e.g. a calibration subset."""
+        return TensorSplit(self.images[indices], self.labels[indices])
+
+
+@dataclass(frozen=True, eq=False)
+class Splits:
+    """The splits of one dataset plus what a model needs to know about them."""
+
+    train: TensorSplit
+    val: TensorSplit | None
+    test: TensorSplit
+    classes: list[str]
+    """Class names; the index is the label."""
+    mean: tuple[float, ...]
+    """Per-channel mean of the train split, in [0, 1] units."""
+    std: tuple[float, ...]
+    """Per-channel standard deviation of the train split, in [0, 1] units."""
+    in_chans: int
+    image_size: int
+    name: str = ""
+    """Where the data came from, e.g. ``imagefolder:/data/cifar10-jpg.tar.gz``; for logs and model cards."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready summary (sizes, classes, statistics) for logs, run records and model cards."""
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "classes": list(self.classes),
+            "in_chans": self.in_chans,
+            "image_size": self.image_size,
+            "train": len(self.train),
+            "val": None if self.val is None else len(self.val),
+            "test": len(self.test),
+            "mean": [round(m, 6) for m in self.mean],
+            "std": [round(s, 6) for s in self.std],
+        }
+
+
+def resolve_root(cfg: DataConfig, base_dir: Path, *, must_exist: bool = False) -> Path | None:
+    """Return ``cfg.root`` as an absolute path (``~`` expanded, relative to ``base_dir``), or None when unset.
+
+    ``base_dir`` is the folder of the stages.yaml. With ``must_exist`` a missing path raises DataError, so config
+    validation can fail before any stage runs.
+    """
+    if cfg.root is None:
+        return None
+    root = cfg.root.expanduser()
+    if not root.is_absolute():
+        root = Path(base_dir).expanduser() / root
+    root = Path(root).absolute()
+    if must_exist and not root.exists():
+        raise DataError(
+            f"data.root {str(cfg.root)!r} does not exist (resolved to {root})",
+            hint="relative paths are resolved against the stages.yaml folder; fix data.root or create the dataset",
+        )
+    return root
+
+
+def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split sample indices into ``(keep, holdout)`` with ``round(fraction * N)`` held out, stratified by label.
+
+    Each class gives ``floor(fraction * n_c)`` samples and the remainder goes to the classes with the largest
+    fractional parts (ties: lower label), so the total is exact and shares match to within one sample. Every class
+    keeps at least one sample; at least one sample is held out when ``fraction > 0``. Which samples are held out
+    depends only on ``seed``; both index tensors are sorted, so source order is preserved inside each split.
+    """
+    n = len(labels)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    present, counts = torch.unique(labels, return_counts=True)
+    if fraction == 0.0 or n == 0:
+        return torch.arange(n), torch.empty(0, dtype=torch.int64)
+    capacity = counts - 1  # a class never loses its last sample
+    want = min(max(1, round(fraction * n)), int(capacity.sum()))
+    exact = counts.double() * fraction
+    take = torch.minimum(exact.floor().long(), capacity)
+    order = sorted(range(len(present)), key=lambda i: (-(exact[i] - exact[i].floor()).item(), i))
+    while int(take.sum()) < want:  # at most a few rounds: each round adds up to one sample per class
+        for i in order:
+            if int(take.sum()) >= want:
+                break
+            if take[i] < capacity[i]:
+                take[i] += 1
+    generator = torch.Generator().manual_seed(seed)
+    holdout = []
+    for cls, k in zip(present.tolist(), take.tolist(), strict=True):
+        members = torch.nonzero(labels == cls).flatten()
+        # One randperm per class, in label order, so the draw for a class does not depend on other classes' sizes.
+        perm = torch.randperm(len(members), generator=generator)
+        holdout.append(members[perm[:k]])
+    held = torch.sort(torch.cat(holdout)).values
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[held] = False
+    return torch.nonzero(mask).flatten(), held
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 ``images`` in [0, 1] units.
+
+    Counted from a 256-bin histogram per channel: exact, and no float copy of a 150 MB tensor.
+    """
+    if len(images) == 0:
+        raise DataError("cannot measure mean/std: the train split is empty", hint="lower data.val_fraction")
+    values = torch.arange(256, dtype=torch.float64)
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        hist = torch.bincount(images[:, c].reshape(-1).cpu(), minlength=256).double()
+        total = hist.sum()
+        mean = (hist * values).sum() / total
+        var = (hist * (values - mean) ** 2).sum() / total
+        means.append(float(mean) / 255.0)
+        stds.append(float(var.sqrt()) / 255.0)
+    return tuple(means), tuple(stds)
+
+
+def create_splits(cfg: DataConfig, *, seed: int, base_dir: Path) -> Splits:
+    """Load the dataset ``cfg`` describes and return its train / val / test splits with normalisation statistics.
+
+    ``seed`` is the run seed: it picks the validation samples (``cfg.val_fraction`` of train, stratified); the test
+    split never depends on it. ``base_dir`` is the stages.yaml folder, against which a relative ``data.root`` and
+    ``data.cache_dir`` are resolved. Decoded images are cached (see ``kdpipe.data.cache``).
+    """
+    root = resolve_root(cfg, base_dir)
+    cache_dir = None
+    if cfg.cache_dir is not None:
+        cache_dir = cfg.cache_dir.expanduser()
+        cache_dir = cache_dir if cache_dir.is_absolute() else Path(base_dir) / cache_dir
+    source = load_source(cfg, root, cache_dir=cache_dir)
+    train = TensorSplit(source.train_images, source.train_labels)
+    test = TensorSplit(source.test_images, source.test_labels)
+    val = None
+    if cfg.val_fraction > 0:
+        keep, held = stratified_holdout(train.labels, cfg.val_fraction, derive_seed(seed, "val"))
+        train, val = train.select(keep), train.select(held)
+    mean, std = channel_stats(train.images)
+    splits = Splits(
+        train=train,
+        val=val,
+        test=test,
+        classes=list(source.classes),
+        mean=mean,
+        std=std,
+        in_chans=int(train.images.shape[1]),
+        image_size=int(train.images.shape[-1]),
+        name=source.name,
+    )
+    logger.info(
+        "data %s: %d classes, train %d, val %s, test %d, %dx%dx%d",
+        splits.name,
+        splits.num_classes,
+        len(train),
+        "-" if val is None else len(val),
+        len(test),
+        splits.in_chans,
+        splits.image_size,
+        splits.image_size,
+    )
+    return splits

@@ -1,0 +1,277 @@
+"""The training loop shared by teacher training and every KD method.
+
+It owns what methods should not have to: device placement, mixed precision, the optimizer and lr schedule,
+evaluation, metrics, and checkpoints. A checkpoint is written atomically after every epoch and, on SIGTERM or
+SIGINT, at the next step boundary; rerunning resumes from it and (CPU, fixed seed) reproduces an uninterrupted
+run exactly, because the data order and augmentation of every step are functions of (seed, epoch, step) and the
+global RNG state is saved with the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from kdpipe.config import TrainConfig
+from kdpipe.distill.evaluate import EvalResult, evaluate
+from kdpipe.distill.methods.base import KDMethod
+from kdpipe.errors import DataError, Interrupted
+from kdpipe.fileio import atomic_write_with
+from kdpipe.progress import NullProgress, Progress
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "kdpipe-train-checkpoint/1"
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class Batches(Protocol):
+    """What the trainer needs from a data loader (kdpipe.data.BatchLoader satisfies it)."""
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def iter_from(self, step: int) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    """One entry per epoch: epoch, lr, train loss parts, train_top1, and eval metrics when evaluated."""
+    best_top1: float = float("nan")
+    best_epoch: int = -1
+    final: EvalResult | None = None
+    resumed_from: int | None = None
+    """Epoch (0-based) the run resumed at, or None for a fresh start."""
+    seconds: float = 0.0
+
+
+def lr_factor(cfg: TrainConfig, epoch: int) -> float:
+    """Multiplier of the base lr at (0-based) ``epoch``: warm-up then step/cosine/constant."""
+    s = cfg.schedule
+    if s.warmup_epochs and epoch < s.warmup_epochs:
+        return 0.1 + 0.9 * epoch / s.warmup_epochs
+    if s.name == "step":
+        return s.gamma ** sum(epoch >= m for m in s.milestones)
+    if s.name == "cosine":
+        span = max(1, cfg.epochs - s.warmup_epochs)
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - s.warmup_epochs) / span))
+    return 1.0
+
+
+def create_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    # foreach kernels are the fast path on CPU and GPU alike and do the same math.
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, foreach=True
+        )
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+
+
+class _StopFlag:
+    """Turns SIGTERM/SIGINT into a flag the loop checks at step boundaries (installed in the main thread only)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received %s: saving a checkpoint at the end of this step", signal.Signals(signum).name)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Trains ``method`` (its student and any training-only modules) with the settings in ``cfg``."""
+
+    def __init__(
+        self,
+        method: KDMethod,
+        cfg: TrainConfig,
+        *,
+        train_batches: Batches,
+        eval_batches: Batches,
+        num_classes: int,
+        device: torch.device,
+        checkpoint_path: Path,
+        fingerprint: str,
+        precision: Precision = "fp32",
+        progress: Progress | None = None,
+        label: str = "train",
+        on_epoch: Callable[[dict[str, float]], None] | None = None,
+        stop_after_steps: int | None = None,
+    ) -> None:
+        self.method = method.to(device)
+        self.cfg = cfg
+        self.train_batches = train_batches
+        self.eval_batches = eval_batches
+        self.num_classes = num_classes
+        self.device = device
+        self.checkpoint_path = checkpoint_path
+        self.fingerprint = fingerprint
+        self.progress = progress or NullProgress()
+        self.label = label
+        self.on_epoch = on_epoch
+        # Test hook: behave as if SIGTERM arrived after this many optimizer steps (counted from this fit() call).
+        self.stop_after_steps = stop_after_steps
+        self.precision = precision if device.type == "cuda" else "fp32"
+        if precision != "fp32" and device.type != "cuda":
+            log.info("precision %s is for GPUs; training in fp32 on %s", precision, device.type)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        trainable = [p for p in self.method.parameters() if p.requires_grad]
+        self.optimizer = create_optimizer(trainable, cfg, device)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+
+    def _save(self, epoch: int, step: int, result: TrainResult) -> None:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": self.fingerprint,
+            "epoch": epoch,
+            "step": step,
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "history": json.dumps(result.history),
+            "best": [result.best_top1, result.best_epoch],
+        }
+        atomic_write_with(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+
+    def _load(self, result: TrainResult) -> tuple[int, int]:
+        """Restore the last checkpoint if it belongs to this exact stage config; returns (epoch, step) to start at."""
+        path = self.checkpoint_path
+        if not path.exists():
+            return 0, 0
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated or foreign file: never trust it, start over
+            log.warning("ignoring unreadable checkpoint %s (%s); training from the start", path, exc)
+            return 0, 0
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            log.warning("ignoring %s: not a kdpipe training checkpoint", path)
+            return 0, 0
+        if state.get("fingerprint") != self.fingerprint:
+            log.info("checkpoint %s is from a different config; training from the start", path)
+            return 0, 0
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        result.history = json.loads(state["history"])
+        result.best_top1, result.best_epoch = float(state["best"][0]), int(state["best"][1])
+        epoch, step = int(state["epoch"]), int(state["step"])
+        result.resumed_from = epoch
+        log.info("resuming %s from %s at epoch %d step %d", self.label, path, epoch + 1, step)
+        return epoch, step
+
+    # -- loop ----------------------------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _step(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        with self._autocast():
+            out = self.method.training_step(images, targets)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {self.method.epoch + 1}; lower the lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return out
+
+    def fit(self) -> TrainResult:
+        result = TrainResult()
+        start_epoch, start_step = self._load(result)
+        cfg = self.cfg
+        if len(self.train_batches) == 0:
+            raise DataError(f"the train split has fewer samples than batch_size={cfg.batch_size}; lower batch_size")
+        t0 = time.perf_counter()
+        steps_done = 0
+        self.method.train()
+        with _StopFlag() as stop:
+            for epoch in range(start_epoch, cfg.epochs):
+                lr = cfg.lr * lr_factor(cfg, epoch)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self.method.on_epoch_start(epoch, cfg.epochs)
+                self.train_batches.set_epoch(epoch)
+                first = start_step if epoch == start_epoch else 0
+                sums: dict[str, float] = {}
+                correct = seen = 0
+                task = self.progress.task(f"{self.label} {epoch + 1}/{cfg.epochs}", total=len(self.train_batches))
+                task.advance(first)
+                try:
+                    for step, (images, targets) in enumerate(self.train_batches.iter_from(first), start=first):
+                        out = self._step(images, targets)
+                        n = targets.numel()
+                        for key, value in out.items():
+                            if key != "logits" and value.numel() == 1:
+                                sums[key] = sums.get(key, 0.0) + float(value.detach()) * n
+                        correct += int((out["logits"].argmax(1) == targets).sum())
+                        seen += n
+                        steps_done += 1
+                        task.advance(1, loss=float(out["loss"].detach()))
+                        if self.stop_after_steps is not None and steps_done >= self.stop_after_steps:
+                            stop.signum = signal.SIGTERM
+                        if stop.signum is not None:
+                            self._save(epoch, step + 1, result)
+                            raise Interrupted(
+                                f"{self.label}: stopped by {signal.Signals(stop.signum).name} at epoch {epoch + 1}, "
+                                f"step {step + 1}; checkpoint saved to {self.checkpoint_path}",
+                                hint="rerun the same command to resume",
+                            )
+                finally:
+                    task.close()
+                row: dict[str, float] = {"epoch": epoch + 1, "lr": lr}
+                row.update({f"train_{k}": v / max(seen, 1) for k, v in sums.items()})
+                row["train_top1"] = correct / max(seen, 1)
+                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                    ev = evaluate(self.method.deployable(), self.eval_batches, self.num_classes)
+                    row.update({"eval_top1": ev.top1, "eval_top5": ev.top5, "eval_loss": ev.loss})
+                    if not ev.top1 <= result.best_top1:  # also true while best is nan
+                        result.best_top1, result.best_epoch = ev.top1, epoch + 1
+                    result.final = ev
+                self.method.train()
+                result.history.append(row)
+                if self.on_epoch is not None:
+                    self.on_epoch(row)
+                self._save(epoch + 1, 0, result)
+        if result.final is None or start_epoch >= cfg.epochs:
+            result.final = evaluate(self.method.deployable(), self.eval_batches, self.num_classes)
+        result.seconds = time.perf_counter() - t0
+        return result

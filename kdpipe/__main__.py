@@ -1,0 +1,5 @@
+"""``python -m kdpipe`` (what ``torchrun -m kdpipe`` runs)."""
+
+from kdpipe.cli import main
+
+main()

@@ -1,0 +1,232 @@
+"""The ``kdpipe`` command. Maps every KdpipeError to its exit code (DESIGN.md §3) with a one-line message:
+0 ok, 2 config/usage error, 3 data error, 4 gate failed, 5 stage crashed, 130 interrupted (resumable)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgressBar
+from rich.table import Table
+
+import kdpipe
+from kdpipe.errors import GateFailed, Interrupted, KdpipeError
+
+console = Console(stderr=True)
+stdout = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_CODES = {
+    0: "ok",
+    2: "config or usage error",
+    3: "data error",
+    4: "gate failed",
+    5: "stage crashed",
+    130: "interrupted",
+}
+
+
+def _fail(exc: KdpipeError) -> None:
+    console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+    if exc.hint:
+        console.print(f"  [yellow]hint:[/] {exc.hint}", highlight=False, soft_wrap=True)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn KdpipeErrors into a message and their exit code; never a traceback for a user error."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KdpipeError as exc:
+            _fail(exc)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose < 0 else logging.INFO if verbose == 0 else logging.DEBUG
+    handler = RichHandler(console=console, show_path=verbose > 0, show_time=verbose > 0, markup=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    logging.getLogger("kdpipe").setLevel(level)
+
+
+class _RichTask:
+    def __init__(self, bar: RichProgressBar, task_id: Any) -> None:
+        self.bar, self.task_id = bar, task_id
+
+    def advance(self, n: int = 1, **fields: object) -> None:
+        loss = fields.get("loss")
+        extra = {"status": f"loss {loss:.4f}"} if isinstance(loss, float) else {}
+        self.bar.update(self.task_id, advance=n, **extra)
+
+    def close(self) -> None:
+        self.bar.remove_task(self.task_id)
+
+
+class RichProgress:
+    """kdpipe.progress.Progress on a rich progress bar (drawn only on a terminal)."""
+
+    def __init__(self, bar: RichProgressBar) -> None:
+        self.bar = bar
+
+    def task(self, description: str, total: int | None) -> _RichTask:
+        return _RichTask(self.bar, self.bar.add_task(description, total=total, status=""))
+
+
+def _load(config: Path, overrides: tuple[str, ...]) -> Any:
+    import kdpipe.stages  # noqa: F401  (registers stage types and methods before the config model is built)
+    from kdpipe.config import load_config
+
+    return load_config(config, overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(kdpipe.__version__, prog_name="kdpipe")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def cli(verbose: int, quiet: bool) -> None:
+    """Distill a compact student from a timm teacher, verify it, export it, benchmark it, document it.
+
+    Exit codes: 0 ok, 2 config or usage error, 3 data error, 4 gate failed, 5 stage crashed, 130 interrupted.
+    """
+    _setup_logging(-1 if quiet else verbose)
+
+
+_set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a config value (repeatable)."
+)
+
+
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Run directory (default: runs/<name>).")
+@click.option("--from", "from_stage", metavar="STAGE", help="Rerun STAGE and every stage that depends on it.")
+@click.option("--only", metavar="STAGE", help="Run only STAGE (its inputs must be up to date; with --force even when it is).")
+@click.option("--force", is_flag=True, help="Rerun every stage even when up to date.")
+@_set_option
+@handle_errors
+def run(
+    config: Path, out: Path | None, from_stage: str | None, only: str | None, force: bool, overrides: tuple[str, ...]
+) -> None:
+    """Run the pipeline in CONFIG, skipping stages that are up to date."""
+    from kdpipe.pipeline.runner import Runner, StageOutcome, default_run_dir
+
+    loaded = _load(config, overrides)
+    run_dir = out or default_run_dir(loaded)
+    resume = ["kdpipe", "run", str(config), *(["--out", str(out)] if out else []), *(f"--set={s}" for s in overrides)]
+
+    def on_stage(o: StageOutcome) -> None:
+        if o.status == "skipped":
+            console.print(f"[dim]- {o.name}: up to date, skipped[/]", highlight=False)
+        else:
+            console.print(f"[green]✓[/] {o.name} ({o.seconds:.1f}s): {o.summary}", highlight=False)
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+    )
+    try:
+        with RichProgressBar(*columns, console=console, transient=True) as bar:
+            runner = Runner(
+                loaded,
+                run_dir,
+                force=force,
+                from_stage=from_stage,
+                only=only,
+                progress=RichProgress(bar),
+                on_stage=on_stage,
+            )
+            console.print(f"[bold]kdpipe[/] {loaded.path} -> {run_dir}", highlight=False)
+            summary = runner.run()
+    except GateFailed:
+        console.print(f"[red]a gate failed[/]; results so far are in {run_dir}", highlight=False)
+        raise
+    except (Interrupted, KdpipeError) as exc:
+        if exc.exit_code in (5, 130):
+            console.print(f"to resume: [bold]{shlex.join(resume)}[/]", highlight=False, soft_wrap=True)
+        raise
+    except KeyboardInterrupt:
+        console.print(f"interrupted; to resume: [bold]{shlex.join(resume)}[/]", highlight=False)
+        sys.exit(130)
+    ran = sum(o.status == "ran" for o in summary.stages)
+    console.print(
+        f"[bold green]done[/] in {summary.seconds:.1f}s: {ran} ran, {len(summary.stages) - ran} up to date; "
+        f"results in {summary.run_dir}",
+        highlight=False,
+    )
+
+
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@_set_option
+@handle_errors
+def validate(config: Path, overrides: tuple[str, ...]) -> None:
+    """Check CONFIG (schema, stage graph, paths) without running anything."""
+    from kdpipe.pipeline.runner import preflight
+
+    loaded = _load(config, overrides)
+    nodes = preflight(loaded)
+    chain = ", ".join(f"{n.name} ({n.type}{' <- ' + '+'.join(n.needs) if n.needs else ''})" for n in nodes)
+    stdout.print(f"{config}: ok — {len(nodes)} stages: {chain}", highlight=False, soft_wrap=True)
+
+
+@cli.command()
+def schema() -> None:
+    """Print the JSON Schema of stages.yaml (for editors: yaml-language-server)."""
+    import kdpipe.stages  # noqa: F401
+    from kdpipe.config import get_pipeline_model
+
+    click.echo(json.dumps(get_pipeline_model().model_json_schema(), indent=2))
+
+
+@cli.command("list")
+@click.argument("what", type=click.Choice(["methods", "models", "formats", "stages"]))
+@click.option("--all", "show_all", is_flag=True, help="models: every timm architecture, not only kdpipe's.")
+def list_(what: str, show_all: bool) -> None:
+    """List registered KD methods, models, export formats or stage types."""
+    import kdpipe.stages
+    from kdpipe.models.factory import list_kdpipe_models, list_models
+    from kdpipe.registry import FORMATS, METHODS, STAGES
+
+    if what == "models":
+        names = list_models() if show_all else list_kdpipe_models()
+        for name in names:
+            stdout.print(name, highlight=False)
+        if not show_all:
+            console.print("[dim]any timm model name works too (kdpipe list models --all)[/]")
+        return
+    registry = {"methods": METHODS, "formats": FORMATS, "stages": STAGES}[what]
+    if len(registry) == 0:
+        console.print(f"no {registry.kind}s are registered in kdpipe {kdpipe.__version__}")
+        return
+    table = Table(show_header=True, header_style="bold", box=None)
+    table.add_column(registry.kind)
+    table.add_column("summary")
+    for entry in registry:
+        table.add_row(entry.name, entry.summary)
+    stdout.print(table)
+
+
+def main() -> None:
+    cli(prog_name="kdpipe")
+
+
+if __name__ == "__main__":
+    main()

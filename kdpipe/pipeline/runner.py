@@ -1,0 +1,339 @@
+"""Run a validated pipeline in a run directory: skip what is up to date, run what is not, record everything.
+
+A stage is up to date when run.lock.json holds its current fingerprint and every output it recorded still has
+the recorded hash. The fingerprint covers the stage's own resolved config, the fingerprints of the stages it
+depends on, the data config, the seed, and the versions of kdpipe, torch and timm; so editing one stage reruns it
+and everything downstream, and nothing upstream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import yaml
+
+import kdpipe
+from kdpipe.config import LoadedConfig
+from kdpipe.data import Splits, create_splits, resolve_root
+from kdpipe.errors import ConfigError, DataError, GateFailed, KdpipeError, StageError
+from kdpipe.fileio import atomic_write_json, atomic_write_text, sha256_json
+from kdpipe.pipeline.graph import Node, build_graph, downstream_of
+from kdpipe.pipeline.rundir import RunDir, hash_outputs, outputs_intact
+from kdpipe.progress import NullProgress, Progress
+from kdpipe.registry import suggest
+from kdpipe.stages.base import StageContext, StageRecord
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    type: str
+    status: str  # "ran" | "skipped" | "failed" | "gate_failed" | "not_run"
+    seconds: float = 0.0
+    summary: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    stages: list[StageOutcome]
+    seconds: float
+
+
+def default_run_dir(loaded: LoadedConfig) -> Path:
+    return Path("runs") / loaded.config.name
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(setting)
+    except RuntimeError as exc:
+        raise ConfigError(f"device: {setting!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {setting!r} asked for, but CUDA is not available here", hint="use device: auto")
+    return device
+
+
+@cache
+def git_sha() -> str:
+    """The commit of the kdpipe checkout, when running from one ("" otherwise)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(kdpipe.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Versions and device, written to environment.json, checkpoints' metadata and the model card."""
+    env: dict[str, Any] = {
+        "kdpipe": kdpipe.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
+        "git_sha": git_sha(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def fingerprint(node: Node, loaded: LoadedConfig, upstream_fps: dict[str, str]) -> str:
+    cfg = loaded.config
+    return sha256_json(
+        {
+            "type": node.type,
+            "params": node.config.model_dump(mode="json", exclude={"needs"}),
+            "needs": {dep: upstream_fps[dep] for dep in node.needs},
+            "data": cfg.data.model_dump(mode="json"),
+            "seed": cfg.seed,
+            "versions": {"kdpipe": kdpipe.__version__, "torch": torch.__version__, "timm": timm.__version__},
+        }
+    )
+
+
+def preflight(loaded: LoadedConfig) -> list[Node]:
+    """Every check that needs no work: the graph, data paths, per-stage checks. Raises before anything is written."""
+    nodes = build_graph(loaded)
+    data = loaded.config.data
+    root = resolve_root(data, loaded.base_dir)
+    if root is not None and not root.exists() and not data.download:
+        raise DataError(
+            f"{loaded.where(('data', 'root'))}: data.root: {root} does not exist",
+            hint="fix the path (relative paths are resolved against the stages.yaml folder)",
+        )
+    for node in nodes:
+        node.stage_cls.preflight(node.name, node.config, loaded)
+    return nodes
+
+
+class Runner:
+    """Runs one pipeline. ``options`` are passed to stages (e.g. ``stop_after_steps`` for interruption tests)."""
+
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        run_dir: Path | None = None,
+        *,
+        force: bool = False,
+        from_stage: str | None = None,
+        only: str | None = None,
+        progress: Progress | None = None,
+        on_stage: Callable[[StageOutcome], None] | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.run_dir = RunDir(run_dir or default_run_dir(loaded))
+        self.force = force
+        self.from_stage = from_stage
+        self.only = only
+        self.progress = progress or NullProgress()
+        self.on_stage = on_stage
+        self.options = dict(options or {})
+        self._splits: Splits | None = None
+        self._fingerprints: dict[str, str] = {}
+        self.nodes = preflight(loaded)
+        names = [n.name for n in self.nodes]
+        for flag, value in (("--from", from_stage), ("--only", only)):
+            if value is not None and value not in names:
+                raise ConfigError(f"{flag} {value}: no such stage{suggest(value, names)}; stages: {', '.join(names)}")
+        self.device = resolve_device(loaded.config.device)
+
+    def _data(self) -> Splits:
+        if self._splits is None:
+            self._splits = create_splits(
+                self.loaded.config.data, seed=self.loaded.config.seed, base_dir=self.loaded.base_dir
+            )
+        return self._splits
+
+    def _write_run_files(self, env: dict[str, Any]) -> None:
+        resolved = self.loaded.config.model_dump(mode="json")
+        header = f"# resolved from {self.loaded.path} by kdpipe {kdpipe.__version__}; every default filled in\n"
+        atomic_write_text(self.run_dir.root / "resolved.yaml", header + yaml.safe_dump(resolved, sort_keys=False))
+        atomic_write_json(self.run_dir.root / "environment.json", {**env, "argv": sys.argv})
+
+    def plan(self, lock: dict[str, Any]) -> dict[str, str]:
+        """Decide, before any work, what each stage will do: "run", "skip" (up to date) or "omit" (--only)."""
+        forced = downstream_of(self.nodes, self.from_stage) if self.from_stage else set()
+        actions: dict[str, str] = {}
+        fps: dict[str, str] = {}
+        for node in self.nodes:
+            fps[node.name] = fp = fingerprint(node, self.loaded, fps)
+            entry = lock.get(node.name)
+            up_to_date = (
+                entry is not None
+                and entry.get("fingerprint") == fp
+                and entry.get("status") == "ok"
+                and outputs_intact(self.run_dir.stage_dir(node.name), entry.get("outputs", {}))
+            )
+            if self.only is not None and node.name != self.only:
+                if not up_to_date and node.name in self._upstream_of_only():
+                    raise ConfigError(
+                        f"--only {self.only}: it needs stage {node.name!r}, which has no up-to-date result in "
+                        f"{self.run_dir.root}",
+                        hint=f"run without --only first (kdpipe run {self.loaded.path})",
+                    )
+                actions[node.name] = "omit"
+            elif self.force or node.name in forced or not up_to_date:
+                actions[node.name] = "run"
+            elif any(actions.get(dep) == "run" for dep in node.needs):
+                actions[node.name] = "run"  # an upstream stage is rerun: its outputs may change
+            else:
+                actions[node.name] = "skip"
+        self._fingerprints = fps
+        return actions
+
+    def _upstream_of_only(self) -> set[str]:
+        return set(next(n.upstream for n in self.nodes if n.name == self.only))
+
+    def run(self) -> RunSummary:
+        t_start = time.perf_counter()
+        outcomes: list[StageOutcome] = []
+        with self.run_dir as rd:
+            lock = rd.read_lock()
+            actions = self.plan(lock)
+            if "run" in actions.values():
+                self._data()  # a data problem must surface before anything in the run directory changes
+            env = environment(self.device)
+            self._write_run_files(env)
+            records: dict[str, StageRecord] = {}
+            rd.event(None, "run_start", config=str(self.loaded.path), argv=sys.argv, plan=actions)
+            for node in self.nodes:
+                fp = self._fingerprints[node.name]
+                stage_dir = rd.stage_dir(node.name)
+                action = actions[node.name]
+                if action != "run":
+                    if lock.get(node.name, {}).get("fingerprint") == fp:
+                        records[node.name] = self._record(node, stage_dir)
+                    if action == "skip":
+                        outcome = StageOutcome(node.name, node.type, "skipped", summary="up to date")
+                        outcome.metrics = records[node.name].metrics
+                        rd.event(node.name, "stage_skip", fingerprint=fp)
+                        self._report(outcome, outcomes)
+                    continue
+                outcome = self._run_stage(node, fp, stage_dir, records, env, lock)
+                self._report(outcome, outcomes)
+            rd.event(None, "run_end", seconds=time.perf_counter() - t_start)
+        return RunSummary(rd.root, outcomes, time.perf_counter() - t_start)
+
+    def _report(self, outcome: StageOutcome, outcomes: list[StageOutcome]) -> None:
+        outcomes.append(outcome)
+        if self.on_stage is not None:
+            self.on_stage(outcome)
+
+    def _record(self, node: Node, stage_dir: Path) -> StageRecord:
+        try:
+            result = json.loads((stage_dir / RESULT_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StageError(
+                f"cannot read {stage_dir / RESULT_FILE}: {exc}", hint=f"rerun with --from {node.name}"
+            ) from exc
+        return StageRecord(node.name, node.type, stage_dir, result)
+
+    def _run_stage(
+        self,
+        node: Node,
+        fp: str,
+        stage_dir: Path,
+        records: dict[str, StageRecord],
+        env: dict[str, Any],
+        lock: dict[str, Any],
+    ) -> StageOutcome:
+        rd = self.run_dir
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        # Without result.json the stage's recorded outputs no longer match, so a run that dies half-way through
+        # this stage can never leave it looking up to date.
+        (stage_dir / RESULT_FILE).unlink(missing_ok=True)
+        ctx = StageContext(
+            name=node.name,
+            dir=stage_dir,
+            config=node.config,
+            loaded=self.loaded,
+            fingerprint=fp,
+            device=self.device,
+            upstream=[records[u] for u in node.upstream if u in records],
+            data_provider=self._data,
+            event=lambda event, **kw: rd.event(node.name, event, **kw),
+            progress=self.progress,
+            environment=env,
+            options=self.options,
+        )
+        rd.event(node.name, "stage_start", fingerprint=fp, type=node.type)
+        t0 = time.perf_counter()
+        try:
+            result = node.stage_cls(ctx).run()
+        except GateFailed as exc:
+            rd.event(node.name, "stage_fail", error=str(exc), exit_code=exc.exit_code)
+            raise
+        except KdpipeError as exc:
+            rd.event(node.name, "stage_fail", error=str(exc), exit_code=exc.exit_code)
+            if not exc.message.startswith(f"stage {node.name!r}"):
+                exc.message = f"stage {node.name!r} ({node.type}): {exc.message}"
+            raise
+        except Exception as exc:
+            log_path = stage_dir / "error.log"
+            atomic_write_text(log_path, traceback.format_exc())
+            rd.event(node.name, "stage_fail", error=repr(exc), exit_code=5)
+            raise StageError(
+                f"stage {node.name!r} ({node.type}) crashed: {type(exc).__name__}: {exc}",
+                hint=f"full traceback in {log_path}",
+            ) from exc
+        seconds = time.perf_counter() - t0
+        record = {
+            "stage": node.name,
+            "type": node.type,
+            "fingerprint": fp,
+            "metrics": result.metrics,
+            "artifacts": result.artifacts,
+            "info": result.info,
+            "summary": result.summary,
+            "seconds": seconds,
+            "finished_at": time.time(),
+        }
+        atomic_write_json(stage_dir / RESULT_FILE, record)
+        # Training checkpoints are only for resuming this stage; the finished stage's outputs replace them.
+        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+        outputs = [*result.artifacts.values(), RESULT_FILE]
+        lock[node.name] = {
+            "fingerprint": fp,
+            "status": "ok",
+            "outputs": hash_outputs(stage_dir, outputs),
+            "seconds": seconds,
+            "finished_at": record["finished_at"],
+        }
+        rd.write_lock(lock)
+        rd.event(node.name, "stage_end", seconds=seconds, metrics=result.metrics)
+        records[node.name] = StageRecord(node.name, node.type, stage_dir, record)
+        return StageOutcome(node.name, node.type, "ran", seconds, result.summary, result.metrics)

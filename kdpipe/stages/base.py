@@ -1,0 +1,121 @@
+"""What a stage is: its config model, what it provides to later stages, what it requires from earlier ones, and
+the context the engine hands it. One stage type per file in this package; each registers in ``STAGES``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from kdpipe.config import LoadedConfig, StageConfig
+from kdpipe.errors import StageError
+from kdpipe.progress import NullProgress, Progress
+
+if TYPE_CHECKING:
+    from kdpipe.data import Splits
+
+
+@dataclass
+class StageRecord:
+    """A finished upstream stage as a downstream stage sees it: its folder and its result.json."""
+
+    name: str
+    type: str
+    dir: Path
+    result: dict[str, Any]
+
+    def artifact(self, key: str) -> Path:
+        try:
+            return self.dir / self.result["artifacts"][key]
+        except KeyError:
+            raise StageError(
+                f"stage {self.name!r} recorded no {key!r} artifact", hint=f"rerun with --from {self.name}"
+            ) from None
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return dict(self.result.get("metrics", {}))
+
+
+@dataclass
+class StageResult:
+    """What a stage returns: metrics (JSON-able), artifacts (key -> path relative to the stage folder), a one-line
+    summary for the terminal, and facts later stages may read (``info``)."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    summary: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """Everything a running stage may use. Built by the engine; stages never look around the run directory."""
+
+    name: str
+    dir: Path
+    config: Any  # the stage's own config model
+    loaded: LoadedConfig
+    fingerprint: str
+    device: torch.device
+    upstream: list[StageRecord]
+    """Finished stages this one depends on (transitively), in file order."""
+    data_provider: Callable[[], Splits]
+    event: Callable[..., None] = lambda *a, **k: None
+    progress: Progress = field(default_factory=NullProgress)
+    environment: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    """Engine options stages may honour (e.g. ``stop_after_steps`` for interruption tests)."""
+
+    @property
+    def pipeline(self) -> Any:
+        return self.loaded.config
+
+    @property
+    def seed(self) -> int:
+        return int(self.loaded.config.seed)
+
+    def data(self) -> Splits:
+        """The run's dataset splits (loaded once per run and shared by all stages)."""
+        return self.data_provider()
+
+    def find(self, provides: str) -> StageRecord | None:
+        """The nearest upstream stage whose type provides ``provides`` (e.g. "teacher", "student")."""
+        from kdpipe.registry import STAGES
+
+        for record in reversed(self.upstream):
+            if provides in STAGES.get(record.type).provides:
+                return record
+        return None
+
+    def require(self, provides: str) -> StageRecord:
+        record = self.find(provides)
+        if record is None:  # the graph check makes this unreachable for declared requirements
+            raise StageError(f"stage {self.name!r} needs a {provides!r} stage before it")
+        return record
+
+
+class Stage:
+    """Base class of a stage type. Subclasses set ``Config``, ``provides`` and implement :meth:`run`."""
+
+    Config: ClassVar[type[StageConfig]]
+    provides: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def requires(cls, config: Any) -> tuple[str, ...]:
+        """What this stage needs from upstream stages, given its config (e.g. ("student",))."""
+        return ()
+
+    @classmethod
+    def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:
+        """Checks that need more than the config's own fields (files, installed libraries). Raise KdpipeErrors."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+
+    def run(self) -> StageResult:
+        raise NotImplementedError

@@ -1,0 +1,112 @@
+"""Helpers several stages share: building models for the run's data, loading an upstream stage's model,
+creating loaders, and saving a trained model with the facts needed to rebuild it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdpipe.config import TrainConfig
+from kdpipe.data import BatchLoader, Splits, TensorSplit
+from kdpipe.distill.methods.base import KDMethod
+from kdpipe.distill.trainer import Precision, Trainer, TrainResult
+from kdpipe.models.factory import count_params, create_model, load_weights, save_weights
+from kdpipe.stages.base import StageContext, StageRecord
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+
+
+def build_model(name: str, splits: Splits, **kwargs: Any) -> nn.Module:
+    """A timm model sized for the run's data (classes, input channels)."""
+    return create_model(name, num_classes=splits.num_classes, in_chans=splits.in_chans, **kwargs)
+
+
+def load_stage_model(record: StageRecord, splits: Splits, device: torch.device) -> nn.Module:
+    """Rebuild the model an upstream stage saved (architecture from its result, weights from its file)."""
+    model = build_model(record.result["info"]["model_name"], splits)
+    load_weights(model, record.artifact("model"))
+    return model.to(device).eval()
+
+
+def save_stage_model(ctx: StageContext, model: nn.Module, model_name: str, role: str) -> str:
+    """Save weights as safetensors with the facts to rebuild and trace them; returns the artifact path."""
+    splits = ctx.data()
+    save_weights(
+        model,
+        ctx.dir / MODEL_FILE,
+        metadata={
+            "arch": model_name,
+            "role": role,
+            "num_classes": str(splits.num_classes),
+            "in_chans": str(splits.in_chans),
+            "image_size": str(splits.image_size),
+            "mean": ",".join(f"{v:.6f}" for v in splits.mean),
+            "std": ",".join(f"{v:.6f}" for v in splits.std),
+            "run": ctx.pipeline.name,
+            "stage": ctx.name,
+            "fingerprint": ctx.fingerprint,
+            "seed": str(ctx.seed),
+            "git_sha": str(ctx.environment.get("git_sha", "")),
+        },
+    )
+    return MODEL_FILE
+
+
+def eval_split(splits: Splits) -> TensorSplit:
+    """The split evaluated during training: val when one is held out, else test."""
+    return splits.val if splits.val is not None and len(splits.val) > 0 else splits.test
+
+
+def create_loaders(ctx: StageContext, train: TrainConfig) -> tuple[BatchLoader, BatchLoader]:
+    splits = ctx.data()
+    data_cfg = ctx.pipeline.data
+    common = {"mean": splits.mean, "std": splits.std, "device": ctx.device}
+    train_loader = BatchLoader(
+        splits.train, batch_size=train.batch_size, train=True, augment=data_cfg.augment, seed=ctx.seed, **common
+    )
+    eval_loader = BatchLoader(eval_split(splits), batch_size=max(train.batch_size, 256), train=False, **common)
+    return train_loader, eval_loader
+
+
+def test_loader(ctx: StageContext, batch_size: int = 256) -> BatchLoader:
+    splits = ctx.data()
+    return BatchLoader(
+        splits.test, batch_size=batch_size, train=False, mean=splits.mean, std=splits.std, device=ctx.device
+    )
+
+
+def model_facts(model: nn.Module, model_name: str) -> dict[str, Any]:
+    return {"model_name": model_name, "params": count_params(model)}
+
+
+def relative(path: Path, root: Path) -> str:
+    return str(path.relative_to(root))
+
+
+def train_method(
+    ctx: StageContext, method: KDMethod, train: TrainConfig, precision: Precision, label: str
+) -> TrainResult:
+    """Run the trainer for a stage: its checkpoint lives in the stage folder and resumes only for the same
+    fingerprint; per-epoch metrics go to events.jsonl."""
+    train_loader, eval_loader = create_loaders(ctx, train)
+    return Trainer(
+        method,
+        train,
+        train_batches=train_loader,
+        eval_batches=eval_loader,
+        num_classes=ctx.data().num_classes,
+        device=ctx.device,
+        checkpoint_path=ctx.dir / "checkpoints" / "last.pt",
+        fingerprint=ctx.fingerprint,
+        precision=precision,
+        progress=ctx.progress,
+        label=label,
+        on_epoch=lambda row: ctx.event("epoch", **row),
+        stop_after_steps=ctx.options.get("stop_after_steps", {}).get(ctx.name),
+    ).fit()

@@ -1,0 +1,109 @@
+"""``teacher`` stage: a timm teacher from pretrained hub weights, a local checkpoint, or trained here (optionally
+fine-tuned from either), evaluated on the test split and saved as safetensors."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import field_validator, model_validator
+from pydantic_core.core_schema import ValidationInfo
+
+from kdpipe.config import LoadedConfig, StageConfig, StrictModel, TrainConfig, resolve_path
+from kdpipe.distill.evaluate import evaluate
+from kdpipe.distill.methods.ce import CEParams, CrossEntropy
+from kdpipe.distill.trainer import Precision
+from kdpipe.errors import ConfigError
+from kdpipe.registry import STAGES
+from kdpipe.stages.base import Stage, StageResult
+from kdpipe.stages.common import build_model, model_facts, save_stage_model, test_loader, train_method
+from kdpipe.stages.validators import known_model
+
+log = logging.getLogger(__name__)
+
+
+class TeacherWeights(StrictModel):
+    """Where the teacher's weights come from. ``train`` may be combined with either source to fine-tune."""
+
+    pretrained: bool = False
+    """timm pretrained weights from the Hugging Face hub (needs network)."""
+    checkpoint: Path | None = None
+    """A local .safetensors/.pt/.pth file (state_dict); relative to the stages.yaml folder."""
+    train: TrainConfig | None = None
+    """Train (or fine-tune) the teacher on the run's data with cross-entropy."""
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _resolve(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else resolve_path(value, info)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherWeights:
+        if self.pretrained and self.checkpoint is not None:
+            raise ValueError("give either pretrained: true or checkpoint, not both")
+        if not (self.pretrained or self.checkpoint is not None or self.train is not None):
+            raise ValueError(
+                "say where the weights come from: {train: {...}}, {pretrained: true} or {checkpoint: path}"
+            )
+        return self
+
+
+class TeacherConfig(StageConfig):
+    """A teacher network for the distill stage."""
+
+    type: Literal["teacher"]
+    model: str
+    """Any timm model name, or a CIFAR-style net kdpipe registers (kdpipe list models)."""
+    weights: TeacherWeights
+    precision: Precision = "bf16"
+    """Training precision on GPU (fp32 | bf16 | fp16); CPU always trains in fp32."""
+
+    _model = field_validator("model")(known_model)
+
+
+@STAGES.register("teacher", summary="a timm teacher: pretrained, from a checkpoint, or trained here")
+class TeacherStage(Stage):
+    Config = TeacherConfig
+    provides = frozenset({"teacher", "model"})
+    config: TeacherConfig
+
+    @classmethod
+    def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:
+        ckpt = config.weights.checkpoint
+        if ckpt is not None and not ckpt.is_file():
+            where = loaded.where(("stages", name, "weights", "checkpoint"))
+            raise ConfigError(f"{where}: stages.{name}.weights.checkpoint: file not found: {ckpt}")
+
+    def run(self) -> StageResult:
+        ctx, cfg = self.ctx, self.config
+        splits = ctx.data()
+        torch.manual_seed(ctx.seed)
+        model = build_model(cfg.model, splits, pretrained=cfg.weights.pretrained, checkpoint=cfg.weights.checkpoint)
+        info: dict[str, Any] = model_facts(model, cfg.model)
+        history: list[dict[str, float]] = []
+        if cfg.weights.train is not None:
+            method = CrossEntropy(CEParams(), model)
+            result = train_method(ctx, method, cfg.weights.train, cfg.precision, f"{ctx.name} ({cfg.model})")
+            history = result.history
+            info["train_seconds"] = result.seconds
+            info["best_eval_top1"] = result.best_top1
+            info["resumed_from"] = result.resumed_from
+        model = model.to(ctx.device)
+        test = evaluate(model, test_loader(ctx), splits.num_classes)
+        artifacts = {"model": save_stage_model(ctx, model, cfg.model, role="teacher")}
+        metrics = {"top1": test.top1, "top5": test.top5, "loss": test.loss, "params": info["params"]}
+        return StageResult(
+            metrics=metrics,
+            artifacts=artifacts,
+            summary=f"{cfg.model}: test top-1 {test.top1:.4f}, {info['params'] / 1e6:.2f}M params",
+            info={**info, "history": history, "source": _source(cfg.weights)},
+        )
+
+
+def _source(weights: TeacherWeights) -> str:
+    base = "pretrained" if weights.pretrained else f"checkpoint {weights.checkpoint}" if weights.checkpoint else ""
+    if weights.train is not None:
+        return f"fine-tuned from {base}" if base else "trained from scratch"
+    return base

@@ -69,8 +69,10 @@ class _RichTask:
 
     def advance(self, n: int = 1, **fields: object) -> None:
         loss = fields.get("loss")
-        extra = {"status": f"loss {loss:.4f}"} if isinstance(loss, float) else {}
-        self.bar.update(self.task_id, advance=n, **extra)
+        if isinstance(loss, float):
+            self.bar.update(self.task_id, advance=n, status=f"loss {loss:.4f}")
+        else:
+            self.bar.update(self.task_id, advance=n)
 
     def close(self) -> None:
         self.bar.remove_task(self.task_id)
@@ -114,7 +116,7 @@ _set_option = click.option(
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory (default: runs/<name>).")
 @click.option("--from", "from_stage", metavar="STAGE", help="Rerun STAGE and every stage that depends on it.")
-@click.option("--only", metavar="STAGE", help="Run only STAGE (its inputs must be up to date; with --force even when it is).")
+@click.option("--only", metavar="STAGE", help="Run only STAGE if out of date (with --force: always).")
 @click.option("--force", is_flag=True, help="Rerun every stage even when up to date.")
 @_set_option
 @handle_errors
@@ -143,17 +145,11 @@ def run(
         TextColumn("{task.fields[status]}"),
     )
     try:
+        # validation before the progress bar: a config error prints as a single clean line
+        runner = Runner(loaded, run_dir, force=force, from_stage=from_stage, only=only, on_stage=on_stage)
+        console.print(f"[bold]kdpipe[/] {loaded.path} -> {run_dir}", highlight=False)
         with RichProgressBar(*columns, console=console, transient=True) as bar:
-            runner = Runner(
-                loaded,
-                run_dir,
-                force=force,
-                from_stage=from_stage,
-                only=only,
-                progress=RichProgress(bar),
-                on_stage=on_stage,
-            )
-            console.print(f"[bold]kdpipe[/] {loaded.path} -> {run_dir}", highlight=False)
+            runner.progress = RichProgress(bar)
             summary = runner.run()
     except GateFailed:
         console.print(f"[red]a gate failed[/]; results so far are in {run_dir}", highlight=False)

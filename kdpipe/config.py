@@ -132,7 +132,7 @@ class PipelineBase(StrictModel):
 def _stage_union() -> Any:
     from kdpipe.registry import STAGES
 
-    models = tuple(entry.obj.Config for entry in STAGES)  # type: ignore[attr-defined]
+    models = tuple(entry.obj.Config for entry in STAGES)
     if not models:
         raise RuntimeError("no stage types are registered: import kdpipe.stages before loading a config")
     return Annotated[Union[models], Field(discriminator="type")]  # noqa: UP007  (a runtime tuple of classes)

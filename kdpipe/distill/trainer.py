@@ -142,7 +142,7 @@ class Trainer:
         self.stop_after_steps = stop_after_steps
         self.precision = precision if device.type == "cuda" else "fp32"
         if precision != "fp32" and device.type != "cuda":
-            log.info("precision %s is for GPUs; training in fp32 on %s", precision, device.type)
+            log.debug("precision %s is for GPUs; training in fp32 on %s", precision, device.type)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         trainable = [p for p in self.method.parameters() if p.requires_grad]

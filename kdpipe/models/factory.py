@@ -167,7 +167,7 @@ def save_weights(model: nn.Module, path: str | Path, metadata: Mapping[str, str]
             tmp.unlink()
         raise
     _fsync_dir(path.parent)
-    _logger.info("saved %d tensors to %s", len(tensors), path)
+    _logger.debug("saved %d tensors to %s", len(tensors), path)
     return path
 
 
@@ -202,7 +202,7 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # already checked above; this guards against module-specific load hooks
         raise DataError(f"{path} could not be loaded into {_arch(model)}: {_first_line(e)}") from e
-    _logger.info("loaded %d tensors from %s", len(state), path)
+    _logger.debug("loaded %d tensors from %s", len(state), path)
     return metadata
 
 

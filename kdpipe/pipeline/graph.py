@@ -6,6 +6,7 @@ every stage's requirements (a distill stage's teacher, a verify stage's student)
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ class Node:
     name: str
     type: str
     config: Any
-    stage_cls: type[Stage]
+    stage_cls: builtins.type[Stage]
     needs: tuple[str, ...]
     """Direct dependencies."""
     upstream: tuple[str, ...]

@@ -66,11 +66,24 @@ def eval_split(splits: Splits) -> TensorSplit:
 def create_loaders(ctx: StageContext, train: TrainConfig) -> tuple[BatchLoader, BatchLoader]:
     splits = ctx.data()
     data_cfg = ctx.pipeline.data
-    common = {"mean": splits.mean, "std": splits.std, "device": ctx.device}
     train_loader = BatchLoader(
-        splits.train, batch_size=train.batch_size, train=True, augment=data_cfg.augment, seed=ctx.seed, **common
+        splits.train,
+        batch_size=train.batch_size,
+        train=True,
+        augment=data_cfg.augment,
+        seed=ctx.seed,
+        mean=splits.mean,
+        std=splits.std,
+        device=ctx.device,
     )
-    eval_loader = BatchLoader(eval_split(splits), batch_size=max(train.batch_size, 256), train=False, **common)
+    eval_loader = BatchLoader(
+        eval_split(splits),
+        batch_size=max(train.batch_size, 256),
+        train=False,
+        mean=splits.mean,
+        std=splits.std,
+        device=ctx.device,
+    )
     return train_loader, eval_loader
 
 

@@ -63,7 +63,7 @@ class VerifyStage(Stage):
                 drop_vs_teacher=teacher.top1 - student.top1,
                 agreement=float((student.predictions == teacher.predictions).float().mean()),
             )
-        gates = [
+        candidates = [
             _gate("min_top1", cfg.min_top1, metrics["student_top1"], higher_is_better=True),
             _gate("min_top5", cfg.min_top5, metrics["student_top5"], higher_is_better=True),
             _gate(
@@ -71,7 +71,7 @@ class VerifyStage(Stage):
             ),
             _gate("min_agreement", cfg.min_agreement, metrics.get("agreement"), higher_is_better=True),
         ]
-        gates = [g for g in gates if g is not None]
+        gates = [g for g in candidates if g is not None]
         per_class = {name: acc for name, acc in zip(splits.classes, student.per_class, strict=True)}
         report = {"metrics": metrics, "gates": gates, "per_class_top1": per_class, "test_samples": student.num_samples}
         atomic_write_json(ctx.dir / "report.json", report)

@@ -21,12 +21,6 @@ from kdpipe.errors import DataError
 LAYOUT = {"train": {"dog": 3, "cat": 2, "zebra": 2}, "test": {"cat": 1, "dog": 2}}
 
 
-@pytest.fixture(autouse=True)
-def _session_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep cache files out of the home folder: one cache folder for the whole test session."""
-    monkeypatch.setenv("KDPIPE_CACHE", str(tmp_path_factory.getbasetemp() / "kdpipe-cache"))
-
-
 def _png(value: int, size: tuple[int, int] = (8, 8)) -> bytes:
     """A lossless image whose every pixel is (value, value // 2, 255 - value), so tests can read labels back."""
     pixels = np.zeros((size[1], size[0], 3), dtype=np.uint8)

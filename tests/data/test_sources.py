@@ -16,12 +16,6 @@ from kdpipe.data.sources import resize_uint8
 from kdpipe.errors import ConfigError, DataError
 
 
-@pytest.fixture(autouse=True)
-def _session_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep cache files out of the home folder: one cache folder for the whole test session."""
-    monkeypatch.setenv("KDPIPE_CACHE", str(tmp_path_factory.getbasetemp() / "kdpipe-cache"))
-
-
 def test_list_kinds_matches_config() -> None:
     assert list_kinds() == sorted(["digits", "cifar10", "cifar100", "imagefolder", "synthetic"])
 

@@ -14,12 +14,6 @@ from kdpipe.data.splits import stratified_holdout
 from kdpipe.errors import DataError
 
 
-@pytest.fixture(autouse=True)
-def _session_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep cache files out of the home folder: one cache folder for the whole test session."""
-    monkeypatch.setenv("KDPIPE_CACHE", str(tmp_path_factory.getbasetemp() / "kdpipe-cache"))
-
-
 def _labels(counts: list[int]) -> torch.Tensor:
     labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
     return labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]

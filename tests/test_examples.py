@@ -1,0 +1,60 @@
+"""The embedded default, examples/digits.yaml, on real data (scikit-learn's digits): the accuracy and size
+claims of the README hold, and an unchanged rerun skips every stage. Its run time is measured by
+benchmarks/digits_example.py, not here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+import kdpipe.stages  # noqa: F401
+from kdpipe.config import load_config
+from kdpipe.pipeline.runner import Runner, RunSummary, preflight
+from tests.conftest import REPO
+
+DIGITS = REPO / "examples" / "digits.yaml"
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunSummary]:
+    run_dir = tmp_path_factory.mktemp("digits") / "run"
+    return run_dir, Runner(load_config(DIGITS), run_dir).run()
+
+
+def test_digits_example_meets_its_claims(digits_run: tuple[Path, RunSummary]) -> None:
+    run_dir, summary = digits_run
+    metrics = {o.name: o.metrics for o in summary.stages}
+    assert [o.status for o in summary.stages] == ["ran"] * 4
+    assert metrics["teacher"]["top1"] >= 0.97
+    assert metrics["distill"]["top1"] >= 0.95
+    assert metrics["distill"]["compression"] >= 5.0
+    assert metrics["verify"]["gates_passed"] == 2
+    history = json.loads((run_dir / "distill" / "result.json").read_text())["info"]["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    with safe_open(run_dir / "distill" / "model.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert meta["arch"] == "resnet8" and meta["role"] == "student" and meta["num_classes"] == "10"
+
+
+def test_digits_example_rerun_skips_every_stage(digits_run: tuple[Path, RunSummary]) -> None:
+    run_dir, _ = digits_run
+    again = Runner(load_config(DIGITS), run_dir).run()
+    assert [o.status for o in again.stages] == ["skipped"] * 4
+
+
+def test_digits_card_loads_with_huggingface_hub(digits_run: tuple[Path, RunSummary]) -> None:
+    from huggingface_hub import ModelCard
+
+    run_dir, _ = digits_run
+    card = ModelCard.load(run_dir / "card" / "README.md")
+    roles = {r.metric_config for r in card.data.eval_results}
+    assert roles == {"student", "teacher"}
+    assert card.data.base_model == "wrn_16_2"
+
+
+def test_every_example_validates() -> None:
+    for path in sorted((REPO / "examples").rglob("*.yaml")):
+        preflight(load_config(path))

@@ -8,6 +8,7 @@ import os
 # Before anything imports huggingface_hub (timm does): tests never touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import importlib.util
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,26 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip, with the reason shown in the summary, what cannot or should not run here."""
+    import torch
+
+    run_slow = config.getoption("--runslow") or os.environ.get("KDPIPE_RUNSLOW") == "1"
+    reasons = {
+        "slow": None if run_slow else "slow test: run with --runslow",
+        "gpu": None if torch.cuda.is_available() else "needs a CUDA GPU",
+        "tensorrt": None if importlib.util.find_spec("tensorrt") else "needs the tensorrt package",
+    }
+    for item in items:
+        for marker, reason in reasons.items():
+            if reason and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def shared_dataset(name: str) -> Path:

@@ -52,7 +52,7 @@ def save_stage_model(ctx: StageContext, model: nn.Module, model_name: str, role:
             "stage": ctx.name,
             "fingerprint": ctx.fingerprint,
             "seed": str(ctx.seed),
-            "git_sha": str(ctx.environment.get("git_sha", "")),
+            **{key: str(ctx.environment.get(key, "")) for key in ("kdpipe", "torch", "timm", "git_sha")},
         },
     )
     return MODEL_FILE

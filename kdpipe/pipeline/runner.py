@@ -284,6 +284,7 @@ class Runner:
             fingerprint=fp,
             device=self.device,
             upstream=[records[u] for u in node.upstream if u in records],
+            needs=node.needs,
             data_provider=self._data,
             event=lambda event, **kw: rd.event(node.name, event, **kw),
             progress=self.progress,

@@ -64,6 +64,8 @@ class StageContext:
     upstream: list[StageRecord]
     """Finished stages this one depends on (transitively), in file order."""
     data_provider: Callable[[], Splits]
+    needs: tuple[str, ...] = ()
+    """Its direct dependencies (``needs:``, or the stage before it)."""
     event: Callable[..., None] = lambda *a, **k: None
     progress: Progress = field(default_factory=NullProgress)
     environment: dict[str, Any] = field(default_factory=dict)
@@ -83,10 +85,13 @@ class StageContext:
         return self.data_provider()
 
     def find(self, provides: str) -> StageRecord | None:
-        """The nearest upstream stage whose type provides ``provides`` (e.g. "teacher", "student")."""
+        """The upstream stage providing ``provides`` (e.g. "teacher", "student", "export"): the first of the
+        direct ``needs`` that does, else the nearest one above in the file."""
         from kdpipe.registry import STAGES
 
-        for record in reversed(self.upstream):
+        by_name = {r.name: r for r in self.upstream}
+        direct = [by_name[n] for n in self.needs if n in by_name]
+        for record in [*direct, *reversed(self.upstream)]:
             if provides in STAGES.get(record.type).provides:
                 return record
         return None

@@ -1,5 +1,8 @@
 """Crash-safe file writes and content hashes. Every file kdpipe writes into a run directory goes through here,
-so an interrupted or failed run never leaves a half-written file where a complete one is expected."""
+so an interrupted or failed run never leaves a half-written file where a complete one is expected.
+
+A write goes to a temporary file in the target's folder, which is fsynced and renamed over the target; the folder
+is then fsynced too, so after a power loss the target holds the old content or the new, never a torn file."""
 
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         if isinstance(exc, OSError):
             raise write_error(path, exc) from exc
         raise
+    _fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -77,6 +81,19 @@ def atomic_write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename lives in the folder's entry table: without this fsync a power loss can undo it even though the
+    # file's data was synced. Best effort: the file is already in place, and some platforms and filesystems
+    # (Windows, some network mounts) refuse to open or fsync a directory.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

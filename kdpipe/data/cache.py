@@ -1,10 +1,10 @@
 """A file cache of decoded uint8 tensors, keyed by where the data came from and how it was decoded.
 
 Decoding CIFAR's 60,000 JPEGs takes seconds per run; reading the decoded tensors back takes a fraction of one.
-A cache file is written atomically (temporary file, fsync, ``os.replace``) so a killed run never leaves a torn
-file under the final name, read with ``torch.load(weights_only=True)`` so a planted file cannot run code, and
-verified against a stored checksum so a corrupt file is rebuilt rather than trusted. When the cache folder cannot
-be written the data is still returned; the run only loses the speed-up.
+A cache file is written atomically (``kdpipe.fileio.atomic_open``: temporary file, fsync, rename) so a killed
+run never leaves a torn file under the final name, read with ``torch.load(weights_only=True)`` so a planted file
+cannot run code, and verified against a stored checksum so a corrupt file is rebuilt rather than trusted. When the
+cache folder cannot be written the data is still returned; the run only loses the speed-up.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import PIL
 import torch
+
+from kdpipe.fileio import WriteError, atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -72,29 +73,6 @@ def _checksum(data: Mapping[str, object]) -> str:
 
 def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _write_atomic(path: Path, obj: object) -> None:
-    """Write ``obj`` with ``torch.save`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable; not all filesystems allow fsync on a directory
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
 
 
 def _read_verified(path: Path, key: str) -> dict[str, object] | None:
@@ -155,10 +133,13 @@ def load_or_build(
         return data
     data = build()
     logger.debug("built %s in %.2f s", source, time.perf_counter() - start)
+    payload = {"format": CACHE_FORMAT, "key": key, "checksum": _checksum(data), "data": data}
     try:
-        _write_atomic(path, {"format": CACHE_FORMAT, "key": key, "checksum": _checksum(data), "data": data})
-    except OSError as exc:
-        logger.warning("could not write dataset cache %s (%s); continuing without it", path, exc)
+        with atomic_open(path, "wb") as handle:
+            torch.save(payload, handle)
+    except WriteError as exc:
+        # Log the OS's own reason (fileio's WriteError wraps it), as this warning always has.
+        logger.warning("could not write dataset cache %s (%s); continuing without it", path, exc.__cause__ or exc)
         return data
     prefix = path.name.rsplit("-", 1)[0] + "-"
     for stale in path.parent.glob(f"{prefix}*.pt"):

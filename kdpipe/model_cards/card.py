@@ -25,9 +25,7 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from numbers import Real
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from kdpipe.errors import StageError
+from kdpipe.fileio import WriteError, atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -227,39 +226,19 @@ def write_card(out_dir: Path, facts: CardFacts) -> dict[str, Path]:
     paths = {"readme": out_dir / "README.md", "json": out_dir / "card.json"}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(paths["readme"], readme)
-        _write_atomic(paths["json"], card_json)
-    except OSError as error:
+        for key, text in (("readme", readme), ("json", card_json)):
+            # Encoded here rather than in text mode, so the files end lines with "\n" on every platform.
+            with atomic_open(paths[key], "wb") as f:
+                f.write(text.encode("utf-8"))
+    except (OSError, WriteError) as error:
+        # fileio's WriteError wraps the OSError; the message names the OS's own reason, as it always has.
+        reason = error.__cause__ if isinstance(error, WriteError) and error.__cause__ else error
         raise StageError(
-            f"cannot write the model card to {out_dir}: {error}",
+            f"cannot write the model card to {out_dir}: {reason}",
             hint="check that the run directory is writable and the disk is not full",
         ) from error
     logger.info("wrote model card %s", paths["readme"])
     return paths
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable; not every platform lets a directory be opened.
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def _check_facts(facts: CardFacts) -> None:

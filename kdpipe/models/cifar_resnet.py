@@ -12,7 +12,7 @@ parameters in the KD tables rather than the 0.85M of He et al.
 Parameter names follow the CRD layout (``conv1``, ``bn1``, ``layerN.M.{conv1,bn1,conv2,bn2,downsample.{0,1}}``,
 ``fc``), so the teacher checkpoints published with CRD/mdistiller load into these models unchanged.
 
-The CIFAR-100 pretrained config helpers live here too; ``wrn`` and ``mobilenetv2`` reuse them.
+The head and timm's model API come from ``CifarNet`` (``_base``); this file supplies the trunk and its taps.
 """
 
 from __future__ import annotations
@@ -20,45 +20,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
 
-__all__ = ["CIFAR100_MEAN", "CIFAR100_STD", "BasicBlock", "CifarResNet", "cifar_pretrained_cfg"]
+from kdpipe.models._base import CIFAR100_MEAN, CIFAR100_STD, CifarNet, blocks_per_stage, cifar_pretrained_cfg
 
-# Per-channel statistics of the CIFAR-100 training set (RGB, [0, 1] scale), as used by the CRD/mdistiller loaders.
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+# CIFAR100_MEAN, CIFAR100_STD and cifar_pretrained_cfg moved to ``_base``; re-exported for code importing them here.
+__all__ = ["CIFAR100_MEAN", "CIFAR100_STD", "BasicBlock", "CifarResNet", "cifar_pretrained_cfg"]
 
 _WIDTHS = (16, 16, 32, 64)  # stem, stage 1, stage 2, stage 3
 _WIDTHS_X4 = (32, 64, 128, 256)  # CRD's "x4" variants
 _STAGE_STRIDES = (1, 2, 2)
-
-
-def cifar_pretrained_cfg(**overrides: Any) -> dict[str, Any]:
-    """Return a timm pretrained config for a CIFAR-100 model with no published weight file.
-
-    ``url`` stays empty: weights come from a local file (``pretrained_cfg_overlay=dict(file=...)``). ``first_conv``
-    and ``classifier`` must name real modules, because timm uses them to adapt a checkpoint to another
-    ``in_chans`` or ``num_classes`` when loading it.
-    """
-    cfg: dict[str, Any] = {
-        "url": "",
-        "num_classes": 100,
-        "input_size": (3, 32, 32),
-        "pool_size": (8, 8),  # final feature map of a 32x32 input
-        "crop_pct": 1.0,  # CIFAR evaluation uses the full image, no centre crop
-        "interpolation": "bilinear",
-        "mean": CIFAR100_MEAN,
-        "std": CIFAR100_STD,
-        "first_conv": "conv1",
-        "classifier": "fc",
-        "paper_ids": "arXiv:1910.10699",
-    }
-    cfg.update(overrides)
-    return cfg
 
 
 class BasicBlock(nn.Module):
@@ -92,7 +64,7 @@ def _make_stage(in_chs: int, out_chs: int, num_blocks: int, stride: int) -> nn.S
     return nn.Sequential(*blocks)
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(CifarNet):
     """Basic-block ResNet for 32x32 inputs (any size works: pooling is adaptive).
 
     Feature taps (``feature_info``) are the three stage outputs ``layer1..layer3`` at reductions 1, 2, 4; the last
@@ -108,13 +80,9 @@ class CifarResNet(nn.Module):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
     ) -> None:
-        super().__init__()
-        if depth < 8 or (depth - 2) % 6 != 0:
-            raise ValueError(f"CIFAR ResNet depth must be 6n + 2 with n >= 1 (8, 14, 20, ...), got {depth}")
-        num_blocks = (depth - 2) // 6
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
+        # depth counts the stem conv, two convs per block and the classifier (6n + 2); checked before anything is built.
+        num_blocks = blocks_per_stage(depth, 2, "CIFAR ResNet", "8, 14, 20")
+        super().__init__(num_classes, in_chans, drop_rate)
 
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -123,82 +91,21 @@ class CifarResNet(nn.Module):
         self.layer2 = _make_stage(widths[1], widths[2], num_blocks, _STAGE_STRIDES[1])
         self.layer3 = _make_stage(widths[2], widths[3], num_blocks, _STAGE_STRIDES[2])
 
-        self.feature_info: list[dict[str, Any]] = []
+        self.feature_info = []
         reduction = 1
         for i, stride in enumerate(_STAGE_STRIDES):
             reduction *= stride
             self.feature_info.append({"num_chs": widths[i + 1], "reduction": reduction, "module": f"layer{i + 1}"})
 
-        self.num_features = self.head_hidden_size = widths[3]
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self._init_head(widths[3], global_pool)
+        # Convs and BN as in the base class; the Linear layer keeps torch's default, as in the CRD reference.
         self._init_weights()
 
-    def _init_weights(self) -> None:
-        # He-normal (fan_out) convs and unit BN, as the CRD reference trains them; Linear keeps torch's default.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+    def _stem(self) -> list[nn.Module]:
+        return [self.conv1, self.bn1, self.act1]
 
-    def get_classifier(self) -> nn.Module:
-        """Return the final linear layer (``nn.Identity`` once reset to 0 classes)."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a freshly initialised one for ``num_classes`` (0 removes it)."""
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run the trunk and also return the stage outputs selected by ``indices`` (timm semantics).
-
-        ``indices``: None takes every ``feature_info`` entry, an int the last n, a list those positions. ``norm`` is
-        accepted for timm compatibility; these stages have no separate norm to apply.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        intermediates: list[torch.Tensor] = []
-        x = self.act1(self.bn1(self.conv1(x)))
-        stages = [self.layer1, self.layer2, self.layer3]
-        if stop_early:
-            stages = stages[: max_index + 1]
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the last stage's map, before pooling: (B, num_features, H/4, W/4)."""
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = self.layer1(x)
-        x = self.layer2(x)
-        return self.layer3(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool the feature map and classify it; ``pre_logits=True`` stops after pooling (and dropout)."""
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _tap_stages(self) -> list[list[nn.Module]]:
+        return [[self.layer1], [self.layer2], [self.layer3]]
 
 
 def _create(variant: str, pretrained: bool, depth: int, widths: tuple[int, int, int, int], **kwargs: Any) -> nn.Module:

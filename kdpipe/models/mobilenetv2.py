@@ -17,7 +17,8 @@ Width 0.5 gives channels 16 (stem), 8, 12, 16, 32, 48, 80, 160 and 1280 at the h
 100-class head, the figure the KD papers quote for "0.5MobileNetV2".
 
 Parameter names follow the CRD layout (``conv1.{0,1}``, ``blocks.G.B.conv.{0..7}``, ``conv2.{0,1}``,
-``classifier.0``) so checkpoints trained with the CRD/mdistiller code load unchanged.
+``classifier.0``) so checkpoints trained with the CRD/mdistiller code load unchanged. The head and timm's model
+API come from ``CifarNet`` (``_base``); this file supplies the trunk and its taps.
 """
 
 from __future__ import annotations
@@ -26,13 +27,10 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
 
-from kdpipe.models.cifar_resnet import cifar_pretrained_cfg
+from kdpipe.models._base import CifarNet, cifar_pretrained_cfg
 
 __all__ = ["InvertedResidual", "MobileNetV2Cifar"]
 
@@ -83,13 +81,16 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_res_connect else out
 
 
-class MobileNetV2Cifar(nn.Module):
+class MobileNetV2Cifar(CifarNet):
     """MobileNetV2 for 32x32 inputs (any size works: pooling is adaptive).
 
     Feature taps (``feature_info``) are the outputs of block groups 1, 2, 4 and 6 at reductions 2, 4, 8, 16, the
     stage outputs CRD's feature-based methods read. As in timm's MobileNetV2, the last tap is the final block, not
     the 1280-channel head conv that ``forward_features`` also applies.
     """
+
+    # A one-layer Sequential named ``classifier`` keeps the reference name ``classifier.0.weight``.
+    classifier_attr = "classifier"
 
     def __init__(
         self,
@@ -100,15 +101,12 @@ class MobileNetV2Cifar(nn.Module):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
+        super().__init__(num_classes, in_chans, drop_rate)
 
         in_chs = int(_STEM_CHANNELS * width_mult)
         self.conv1 = _conv_bn_relu(in_chans, in_chs, 3, stride=2)
         groups: list[nn.Sequential] = []
-        self.feature_info: list[dict[str, Any]] = []
+        self.feature_info = []
         reduction = 2  # the stem's stride
         for g, (t, c, n, s) in enumerate(_BLOCK_SETTINGS):
             out_chs = int(c * width_mult)
@@ -126,82 +124,35 @@ class MobileNetV2Cifar(nn.Module):
         # Wider-than-1 nets grow the head to a multiple of 8; narrower ones keep 1280 (MobileNetV2 paper, §4).
         head_chs = math.ceil(_HEAD_CHANNELS * width_mult / 8) * 8 if width_mult > 1.0 else _HEAD_CHANNELS
         self.conv2 = _conv_bn_relu(in_chs, head_chs, 1)
-        self.num_features = self.head_hidden_size = head_chs
-        self.global_pool, fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        # A one-layer Sequential keeps the reference name ``classifier.0.weight``.
-        self.classifier = nn.Sequential(fc)
+        self._init_head(head_chs, global_pool)
         self._init_weights()
 
-    def _init_weights(self) -> None:
-        # He-normal (fan_out) convs, unit BN, N(0, 0.01) classifier, as in the reference training code.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+    def _wrap_classifier(self, fc: nn.Module) -> nn.Module:
+        return nn.Sequential(fc)
 
-    def get_classifier(self) -> nn.Module:
-        """Return the classifier (a one-layer Sequential holding the Linear, or Identity at 0 classes)."""
-        return self.classifier
+    def _init_linear(self, linear: nn.Linear) -> None:
+        # N(0, 0.01) weight and zero bias, as in the reference training code.
+        nn.init.normal_(linear.weight, 0.0, 0.01)
+        nn.init.zeros_(linear.bias)
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a freshly initialised one for ``num_classes`` (0 removes it)."""
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.classifier = nn.Sequential(fc)
+    def _stem(self) -> list[nn.Module]:
+        return [self.conv1]
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run the trunk and also return the taps selected by ``indices`` (timm semantics).
+    def _tap_stages(self) -> list[list[nn.Module]]:
+        # Each tap stage runs the groups after the previous tap up to and including its own tap group.
+        groups = list(self.blocks)
+        starts = (0, *(g + 1 for g in _TAP_GROUPS[:-1]))
+        return [groups[start : end + 1] for start, end in zip(starts, _TAP_GROUPS, strict=True)]
 
-        ``indices``: None takes every ``feature_info`` entry, an int the last n, a list those positions. ``norm`` is
-        accepted for timm compatibility and ignored. Without ``stop_early`` the returned map is the head conv's
-        output, i.e. what ``forward_features`` returns.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        last_group = _TAP_GROUPS[max_index] if stop_early else len(self.blocks) - 1
-        intermediates: list[torch.Tensor] = []
-        x = self.conv1(x)
-        for g in range(last_group + 1):
-            x = self.blocks[g](x)
-            if g in _TAP_GROUPS and _TAP_GROUPS.index(g) in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        if not stop_early:
-            x = self.conv2(x)
-        return x, intermediates
+    def _neck(self) -> list[nn.Module]:
+        # Any groups after the last tap (none with these settings), then the head conv.
+        return [*list(self.blocks)[_TAP_GROUPS[-1] + 1 :], self.conv2]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Return the head conv's map, before pooling: (B, 1280, H/16, W/16)."""
-        x = self.conv1(x)
-        x = self.blocks(x)
-        return self.conv2(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool the feature map and classify it; ``pre_logits=True`` stops after pooling (and dropout)."""
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        # Same modules as the base class's stage-by-stage walk, but ``blocks`` runs as one module, as it always
+        # has, so a forward hook on ``blocks`` itself still fires.
+        return self.conv2(self.blocks(self.conv1(x)))
 
 
 default_cfgs = generate_default_cfgs(

@@ -8,7 +8,8 @@ is BN-ReLU-conv3x3-BN-ReLU-(dropout)-conv3x3; a block that changes width or stri
 protocol (CRD, arXiv:1910.10699), which trains ``wrn_40_2`` as a teacher and ``wrn_16_2`` / ``wrn_40_1`` as students.
 
 Parameter names follow the CRD layout (``conv1``, ``blockN.layer.M.{bn1,conv1,bn2,conv2,convShortcut}``, ``bn1``,
-``fc``) so the teacher checkpoints published with CRD/mdistiller load into these models unchanged.
+``fc``) so the teacher checkpoints published with CRD/mdistiller load into these models unchanged. The head and
+timm's model API come from ``CifarNet`` (``_base``); this file supplies the trunk and its taps.
 """
 
 from __future__ import annotations
@@ -18,12 +19,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
 
-from kdpipe.models.cifar_resnet import cifar_pretrained_cfg
+from kdpipe.models._base import CifarNet, blocks_per_stage, cifar_pretrained_cfg
 
 __all__ = ["WideBasicBlock", "WideResNet"]
 
@@ -66,7 +65,7 @@ def _make_stage(in_chs: int, out_chs: int, num_blocks: int, stride: int, drop_ra
     return nn.Sequential(OrderedDict(layer=nn.Sequential(*blocks)))
 
 
-class WideResNet(nn.Module):
+class WideResNet(CifarNet):
     """WRN-depth-widen for 32x32 inputs (any size works: pooling is adaptive).
 
     Feature taps (``feature_info``) are ``block1``, ``block2`` (raw pre-activation stage outputs, reductions 1 and 2)
@@ -84,14 +83,10 @@ class WideResNet(nn.Module):
         drop_rate: float = 0.0,
         block_drop_rate: float = 0.0,
     ) -> None:
-        super().__init__()
-        if depth < 10 or (depth - 4) % 6 != 0:
-            raise ValueError(f"WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
-        num_blocks = (depth - 4) // 6
+        # The paper's depth convention, 6n + 4; checked before anything is built.
+        num_blocks = blocks_per_stage(depth, 4, "WRN", "10, 16, 22, 28, 40")
+        super().__init__(num_classes, in_chans, drop_rate)
         widths = (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
 
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False)
         self.block1 = _make_stage(widths[0], widths[1], num_blocks, _STAGE_STRIDES[0], block_drop_rate)
@@ -100,89 +95,24 @@ class WideResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.act1 = nn.ReLU(inplace=True)
 
-        self.feature_info: list[dict[str, Any]] = [
+        self.feature_info = [
             {"num_chs": widths[1], "reduction": 1, "module": "block1"},
             {"num_chs": widths[2], "reduction": 2, "module": "block2"},
             {"num_chs": widths[3], "reduction": 4, "module": "act1"},
         ]
-        self.num_features = self.head_hidden_size = widths[3]
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self._init_head(widths[3], global_pool)
         self._init_weights()
 
-    def _init_weights(self) -> None:
-        # He-normal (fan_out) convs, unit BN and a zero classifier bias, as in the reference training code.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+    def _init_linear(self, linear: nn.Linear) -> None:
+        # A zero classifier bias, as in the reference training code; the weight keeps torch's default.
+        nn.init.zeros_(linear.bias)
 
-    def get_classifier(self) -> nn.Module:
-        """Return the final linear layer (``nn.Identity`` once reset to 0 classes)."""
-        return self.fc
+    def _stem(self) -> list[nn.Module]:
+        return [self.conv1]
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a freshly initialised one for ``num_classes`` (0 removes it)."""
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-
-    def _stage_fns(self) -> list[list[nn.Module]]:
-        # Modules run between consecutive taps; the last group ends with the final norm and activation.
+    def _tap_stages(self) -> list[list[nn.Module]]:
+        # The last stage ends with the final norm and activation: its tap is the normalised map.
         return [[self.block1], [self.block2], [self.block3, self.bn1, self.act1]]
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run the trunk and also return the taps selected by ``indices`` (timm semantics).
-
-        ``indices``: None takes every ``feature_info`` entry, an int the last n, a list those positions. ``norm`` is
-        accepted for timm compatibility; the last tap is already normalised.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        intermediates: list[torch.Tensor] = []
-        x = self.conv1(x)
-        groups = self._stage_fns()
-        if stop_early:
-            groups = groups[: max_index + 1]
-        for i, group in enumerate(groups):
-            for module in group:
-                x = module(x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the final BN-ReLU map, before pooling: (B, num_features, H/4, W/4)."""
-        x = self.conv1(x)
-        x = self.block1(x)
-        x = self.block2(x)
-        x = self.block3(x)
-        return self.act1(self.bn1(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool the feature map and classify it; ``pre_logits=True`` stops after pooling (and dropout)."""
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create(variant: str, pretrained: bool, depth: int, widen_factor: int, **kwargs: Any) -> nn.Module:

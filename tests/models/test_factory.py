@@ -10,7 +10,7 @@ import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import save_file
 
-import kdpipe.models.factory as factory
+import kdpipe.models.weights as weights
 from kdpipe.errors import ConfigError, DataError
 from kdpipe.models import (
     check_model_name,
@@ -143,7 +143,7 @@ def test_save_weights_replaces_atomically(tmp_path: Path, monkeypatch: pytest.Mo
     def crash(*_a: object, **_k: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(factory, "save_file", crash)
+    monkeypatch.setattr(weights, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         save_weights(_model("resnet8", seed=2), path, {"run": "second"})
     assert read_weights_metadata(path)["run"] == "first"  # the old file is intact

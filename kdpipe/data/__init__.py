@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from kdpipe.data.augment import AUGMENTS, augment_batch
 from kdpipe.data.cache import resolve_cache_dir
-from kdpipe.data.loader import BatchLoader
+from kdpipe.data.loader import BatchLoader, normalize
 from kdpipe.data.sources import SourceData, list_kinds, load_source
 from kdpipe.data.splits import Splits, TensorSplit, channel_stats, create_splits, derive_seed, resolve_root
 
@@ -24,6 +24,7 @@ __all__ = [
     "derive_seed",
     "list_kinds",
     "load_source",
+    "normalize",
     "resolve_cache_dir",
     "resolve_root",
 ]

@@ -26,6 +26,17 @@ from kdpipe.errors import DataError
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+def normalize(
+    images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
+    """uint8 (or 0..255 float) ``(B, C, H, W)`` images -> what models see. The same arithmetic as torchvision's
+    ToTensor + Normalize: x / 255, then (x - mean) / std per channel. Used for training, evaluation, export
+    calibration and parity, so every consumer feeds a model identical inputs."""
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return images.to(torch.float32).div_(255.0).sub_(mean_t).div_(std_t)
+
+
 class BatchLoader:
     """Iterable of ``(images, labels)``: float32 normalised ``(B, C, H, W)`` and int64 ``(B,)`` on ``device``.
 
@@ -108,8 +119,7 @@ class BatchLoader:
         return torch.randperm(n, generator=generator).to(self.device)
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as torchvision's ToTensor + Normalize: x / 255, then (x - mean) / std.
-        return images.to(torch.float32).div_(255.0).sub_(self._mean).div_(self._std)
+        return normalize(images, self._mean, self._std)
 
     def iter_from(self, step: int) -> Iterator[Batch]:
         """Batches ``step``, ``step + 1``, ... of the current epoch: exactly the tail of a full iteration."""

@@ -1,0 +1,27 @@
+"""Honest latency and throughput per backend and batch size, with JSON, Markdown and PNG reports.
+
+``run_benchmark(targets, batch_sizes, input_shape)`` measures ``BenchTarget``s (a model and a backend registered in
+``kdpipe.registry.BACKENDS``) and returns ``BenchCell``s; ``write_report`` writes them out; ``benchmark_file``
+measures one stand-alone model file (``kdpipe bench MODEL``, see ``standalone.bench_command``).
+"""
+
+from __future__ import annotations
+
+from kdpipe.bench import backends as backends  # registers torch, torch-compile, onnxruntime, tensorrt
+from kdpipe.bench.measure import MEMORY_SCOPES, BenchCell, BenchTarget, resolve_device, run_benchmark, summarize
+from kdpipe.bench.report import describe_environment, markdown_table, read_report, write_report
+from kdpipe.bench.standalone import benchmark_file
+
+__all__ = [
+    "MEMORY_SCOPES",
+    "BenchCell",
+    "BenchTarget",
+    "benchmark_file",
+    "describe_environment",
+    "markdown_table",
+    "read_report",
+    "resolve_device",
+    "run_benchmark",
+    "summarize",
+    "write_report",
+]

@@ -193,13 +193,13 @@ def schema() -> None:
 
 
 @cli.command("list")
-@click.argument("what", type=click.Choice(["methods", "models", "formats", "stages"]))
+@click.argument("what", type=click.Choice(["methods", "models", "formats", "stages", "backends"]))
 @click.option("--all", "show_all", is_flag=True, help="models: every timm architecture, not only kdpipe's.")
 def list_(what: str, show_all: bool) -> None:
     """List registered KD methods, models, export formats or stage types."""
     import kdpipe.stages
     from kdpipe.models.factory import list_kdpipe_models, list_models
-    from kdpipe.registry import FORMATS, METHODS, STAGES
+    from kdpipe.registry import BACKENDS, FORMATS, METHODS, STAGES
 
     if what == "models":
         names = list_models() if show_all else list_kdpipe_models()
@@ -208,7 +208,7 @@ def list_(what: str, show_all: bool) -> None:
         if not show_all:
             console.print("[dim]any timm model name works too (kdpipe list models --all)[/]")
         return
-    registry = {"methods": METHODS, "formats": FORMATS, "stages": STAGES}[what]
+    registry = {"methods": METHODS, "formats": FORMATS, "stages": STAGES, "backends": BACKENDS}[what]
     if len(registry) == 0:
         console.print(f"no {registry.kind}s are registered in kdpipe {kdpipe.__version__}")
         return
@@ -218,6 +218,15 @@ def list_(what: str, show_all: bool) -> None:
     for entry in registry:
         table.add_row(entry.name, entry.summary)
     stdout.print(table)
+
+
+def _add_bench() -> None:
+    from kdpipe.bench.standalone import bench_command
+
+    cli.add_command(bench_command, "bench")
+
+
+_add_bench()
 
 
 def main() -> None:

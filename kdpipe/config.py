@@ -299,6 +299,10 @@ def _describe(err: Any, loc: tuple[str | int, ...]) -> str:
         return f"missing '{disc}'"
     if kind == "missing":
         return "required field is missing"
+    if kind == "literal_error":
+        choices = [c.strip().strip("'\"") for c in str(ctx.get("expected", "")).replace(" or ", ", ").split(",")]
+        given = str(err.get("input"))
+        return f"{given!r} is not one of: {', '.join(choices)}{suggest(given, choices)}"
     msg = str(err["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):

@@ -7,10 +7,14 @@ from typing import Any, Literal
 
 import yaml
 
+from kdpipe.bench import BenchCell, markdown_table
 from kdpipe.config import StageConfig
 from kdpipe.model_cards import CardFacts, ModelResult, write_card
 from kdpipe.registry import STAGES
-from kdpipe.stages.base import Stage, StageRecord, StageResult
+from kdpipe.stages.base import Stage, StageContext, StageRecord, StageResult
+from kdpipe.stages.benchmark import copy_plot
+
+PLOT = "latency.png"
 
 
 class ModelCardConfig(StageConfig):
@@ -31,6 +35,60 @@ def _result(role: str, record: StageRecord) -> ModelResult:
         metrics={k: float(metrics[k]) for k in ("top1", "top5") if k in metrics},
         params=int(metrics["params"]) if "params" in metrics else None,
     )
+
+
+def _export_result(record: StageRecord) -> ModelResult:
+    info, metrics = record.result["info"], record.metrics
+    return ModelResult(
+        role=record.name,
+        model_name=f"{info['model_name']} ({info['format']})",
+        metrics={"top1": float(metrics["top1"]), "top1_agreement": float(metrics["top1_agreement"])},
+    )
+
+
+def _sections(ctx: StageContext) -> dict[str, str]:
+    """Parity, latency and serving sections from the export, benchmark and serve stages upstream."""
+    sections: dict[str, str] = {}
+    exports = [r for r in ctx.upstream if r.type == "export"]
+    if exports:
+        header = "| export | file | size | top-1 | torch top-1 | agreement | max abs logit diff | gates |"
+        rows = [header, "|---|---|---|---|---|---|---|---|"]
+        for r in exports:
+            m, info = r.metrics, r.result["info"]
+            gates = ", ".join(f"{k} {v}" for k, v in info["parity"]["tolerances"].items() if v is not None)
+            cells = [
+                f"{r.name} ({info['format']})",
+                f"`{r.artifact('model').name}`",
+                f"{m['size_bytes'] / 1e6:.2f} MB",
+                f"{m['top1']:.4f}",
+                f"{m['torch_top1']:.4f}",
+                f"{m['top1_agreement']:.4f}",
+                f"{m['max_abs_diff']:.2e}",
+                f"{gates}: passed",
+            ]
+            rows.append("| " + " | ".join(cells) + " |")
+        samples = exports[-1].result["info"]["parity"]["num_samples"]
+        sections["Exported models and parity"] = (
+            f"Each export is checked against the PyTorch student on {samples} test images.\n\n" + "\n".join(rows)
+        )
+    bench = next((r for r in reversed(ctx.upstream) if r.type == "benchmark"), None)
+    if bench is not None:
+        bench_cells = [BenchCell.from_dict(c) for c in bench.result["info"]["cells"]]
+        env = ctx.environment
+        text = f"Measured on {env.get('device')} ({env.get('cpu_threads')} CPU threads), torch {env.get('torch')}.\n\n"
+        text += markdown_table(bench_cells)
+        if copy_plot(bench, ctx.dir / PLOT):
+            text += f"\n\n![latency vs batch size]({PLOT})"
+        sections["Latency"] = text
+    serve = next((r for r in reversed(ctx.upstream) if r.type == "serve"), None)
+    if serve is not None:
+        info = serve.result["info"]
+        sections["Serving"] = (
+            f"A Triton model repository is in `{serve.dir.name}/{info['repository']}` (model `{info['model_name']}`, "
+            f"platform `{info['platform']}`, max_batch_size {serve.metrics['max_batch_size']}, dynamic batching):\n\n"
+            f"```bash\ntritonserver --model-repository {serve.dir.name}/{info['repository']}\n```"
+        )
+    return sections
 
 
 @STAGES.register("model_card", summary="Hugging Face model card: results, method, data, gates, environment")
@@ -65,6 +123,10 @@ class ModelCardStage(Stage):
             base_model=cfg.base_model or (teacher.result["info"]["model_name"] if teacher else None),
             license=cfg.license,
         )
+        facts.extra_results = [_export_result(r) for r in ctx.upstream if r.type == "export"]
+        facts.extra_sections = _sections(ctx)
         paths = write_card(ctx.dir, facts)
         artifacts = {key: str(path.relative_to(ctx.dir)) for key, path in paths.items()}
+        if (ctx.dir / PLOT).exists():
+            artifacts["plot"] = PLOT
         return StageResult(artifacts=artifacts, summary=f"model card {ctx.dir / 'README.md'}")

@@ -1,0 +1,136 @@
+"""``benchmark`` stage: latency and throughput of the student and its exports, per backend and batch size.
+
+The torch backends measure the PyTorch student; onnxruntime measures every upstream ONNX export; tensorrt every
+upstream engine. A cell that fails (a backend missing here, out of memory at a large batch) is an error row in
+the report, not a crashed stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator
+
+from kdpipe.bench import BenchTarget, run_benchmark, write_report
+from kdpipe.config import StageConfig
+from kdpipe.errors import StageError
+from kdpipe.registry import BACKENDS, STAGES
+from kdpipe.stages.base import Stage, StageRecord, StageResult
+from kdpipe.stages.common import load_stage_model
+
+log = logging.getLogger(__name__)
+
+# which backends run which kind of artifact
+_ONNX_BACKENDS = {"onnxruntime"}
+_ENGINE_BACKENDS = {"tensorrt"}
+
+
+class BenchmarkConfig(StageConfig):
+    """Measure latency (p50/p90/p99, mean, std), throughput, size and peak memory."""
+
+    type: Literal["benchmark"]
+    backends: list[str] = Field(default_factory=lambda: ["torch", "onnxruntime"], min_length=1)
+    """torch | torch-compile | onnxruntime | tensorrt (kdpipe list backends)."""
+    batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 8, 64], min_length=1)
+    warmup: int = Field(10, ge=0)
+    """Untimed iterations before measuring each cell."""
+    min_iterations: PositiveInt = 30
+    min_time_s: PositiveFloat = 1.0
+    """Each cell is timed for at least this many iterations and seconds."""
+    threads: PositiveInt | None = None
+    """CPU threads for torch and onnxruntime (default: torch's current setting)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("backends")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        for name in value:
+            BACKENDS.get(name)  # raises a ConfigError with did-you-mean
+        return value
+
+
+def _targets(
+    cfg: BenchmarkConfig, upstream: list[StageRecord], student: StageRecord | None, load: Any
+) -> list[BenchTarget]:
+    targets: list[BenchTarget] = []
+    exports = [r for r in upstream if r.type == "export"]
+    for backend in cfg.backends:
+        if backend in _ONNX_BACKENDS | _ENGINE_BACKENDS:
+            wanted = ".plan" if backend in _ENGINE_BACKENDS else ".onnx"
+            for record in exports:
+                path = record.artifact("model")
+                if path.suffix == wanted:
+                    label = f"{record.result['info']['model_name']} {record.result['info']['format']}"
+                    targets.append(BenchTarget(label=label, backend=backend, path=path))
+        elif student is not None:
+            module = load()
+            label = f"{student.result['info']['model_name']} torch"
+            targets.append(BenchTarget(label=label, backend=backend, path=student.artifact("model"), module=module))
+    return targets
+
+
+@STAGES.register("benchmark", summary="latency/throughput per backend and batch size: JSON, Markdown, PNG")
+class BenchmarkStage(Stage):
+    Config = BenchmarkConfig
+    provides = frozenset({"benchmark"})
+    config: BenchmarkConfig
+
+    @classmethod
+    def requires(cls, config: Any) -> tuple[str, ...]:
+        return ("model",)
+
+    def run(self) -> StageResult:
+        ctx, cfg = self.ctx, self.config
+        splits = ctx.data()
+        student = ctx.find("student") or ctx.find("model")
+        device = torch.device(
+            "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and ctx.device.type == "cuda") else "cpu"
+        )
+        assert student is not None  # requires() guarantees a model upstream
+        targets = _targets(cfg, ctx.upstream, student, lambda: load_stage_model(student, splits, device))
+        if not targets:
+            log.warning("benchmark %s: nothing to measure for backends %s", ctx.name, cfg.backends)
+        cells = run_benchmark(
+            targets,
+            list(cfg.batch_sizes),
+            (splits.in_chans, splits.image_size, splits.image_size),
+            warmup=cfg.warmup,
+            min_iterations=cfg.min_iterations,
+            min_time_s=cfg.min_time_s,
+            threads=cfg.threads,
+            device=str(device),
+            progress=ctx.progress,
+        )
+        paths = write_report(ctx.dir, cells, ctx.environment)
+        rows = [vars(c) for c in cells]
+        errors = [r for r in rows if r.get("error")]
+        ok = [r for r in rows if not r.get("error")]
+        fastest = min(ok, key=lambda r: r["p50_ms"] / r["batch_size"]) if ok else None
+        summary = f"{len(ok)} cells measured, {len(errors)} errors"
+        if fastest:
+            summary += (
+                f"; best per image: {fastest['model']} on {fastest['backend']} at batch {fastest['batch_size']} "
+                f"({fastest['throughput']:.0f} img/s)"
+            )
+        return StageResult(
+            metrics={"cells": len(ok), "errors": len(errors)},
+            artifacts={key: str(Path(p).relative_to(ctx.dir)) for key, p in paths.items()},
+            summary=summary,
+            info={"cells": rows},
+        )
+
+
+def copy_plot(record: StageRecord, dest: Path) -> Path | None:
+    """Copy a benchmark stage's plot next to a model card (cards reference images by relative path)."""
+    try:
+        src = record.artifact("plot")
+    except StageError:
+        return None
+    if not src.exists():
+        return None
+    shutil.copyfile(src, dest)
+    return dest

@@ -1,0 +1,285 @@
+"""``export`` stage: the deployable student as ONNX (fp32, fp16 or static-QDQ int8) or a TensorRT engine, proven
+equal to the PyTorch student on real test images before it is accepted.
+
+Every format is exported from the student of the nearest upstream distill (or teacher) stage, so each export
+stage stands alone and several can feed one benchmark (``needs: [onnx, int8]``). Parity is measured on the test
+split: max |logit diff|, top-1 agreement with PyTorch and the export's own top-1; a miss fails the gate (exit 4)
+after the report is written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, PositiveInt, model_validator
+
+from kdpipe.config import LoadedConfig, StageConfig, StrictModel
+from kdpipe.data import normalize
+from kdpipe.errors import ConfigError, GateFailed
+from kdpipe.fileio import atomic_write_json
+from kdpipe.registry import FORMATS, STAGES
+from kdpipe.stages.base import Stage, StageResult
+from kdpipe.stages.common import load_stage_model
+
+log = logging.getLogger(__name__)
+
+ExportFormat = Literal["onnx", "onnx-fp16", "onnx-int8", "tensorrt"]
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    """What an export format needs and produces."""
+
+    requires: tuple[str, ...]
+    """Import names that must be installed."""
+    suffix: str
+    hint: str
+    """How to install what is missing."""
+
+
+def _register_format(name: str, summary: str, requires: tuple[str, ...], suffix: str, hint: str) -> None:
+    FORMATS.register(name, summary=summary)(FormatInfo(requires, suffix, hint))
+
+
+_ONNX_HINT = 'pip install "kdpipe[export]" (onnx, onnxruntime, onnxslim)'
+_register_format("onnx", "fp32 ONNX with a symbolic batch dimension", ("onnx", "onnxruntime"), ".onnx", _ONNX_HINT)
+_register_format("onnx-fp16", "fp16 ONNX, fp32 inputs/outputs kept", ("onnx", "onnxruntime"), ".onnx", _ONNX_HINT)
+_register_format(
+    "onnx-int8", "static QDQ int8 ONNX calibrated on training images", ("onnx", "onnxruntime"), ".onnx", _ONNX_HINT
+)
+_register_format(
+    "tensorrt",
+    "TensorRT engine built from the ONNX (fp16/int8 via QDQ on TensorRT 11)",
+    ("tensorrt", "onnx"),
+    ".plan",
+    "pip install tensorrt on a machine with an NVIDIA GPU and CUDA",
+)
+
+# Parity tolerances by format: fp32 must match to float rounding; reduced precision is held to agreement.
+DEFAULT_PARITY: dict[str, dict[str, float | None]] = {
+    "onnx": {"max_abs_diff": 1e-3, "min_agreement": 0.999, "max_top1_drop": 0.001},
+    "onnx-fp16": {"max_abs_diff": 0.1, "min_agreement": 0.99, "max_top1_drop": 0.005},
+    "onnx-int8": {"max_abs_diff": None, "min_agreement": 0.95, "max_top1_drop": 0.01},
+    "tensorrt": {"max_abs_diff": 0.1, "min_agreement": 0.99, "max_top1_drop": 0.005},
+}
+
+
+class ParityConfig(StrictModel):
+    """Gates on the exported model against the PyTorch student, measured on the test split. Unset = the format's
+    default (fp32: |diff| <= 1e-3, agreement >= 0.999; fp16: 0.1, 0.99; int8: agreement >= 0.95, drop <= 0.01)."""
+
+    max_abs_diff: float | None = Field(None, ge=0.0)
+    """Largest allowed |logit difference| over all test images and classes."""
+    min_agreement: float | None = Field(None, ge=0.0, le=1.0)
+    """Share of test images whose top-1 class matches PyTorch's."""
+    max_top1_drop: float | None = Field(None, ge=0.0, le=1.0)
+    """PyTorch top-1 minus the export's top-1 (a fraction: 0.01 = one point)."""
+    samples: PositiveInt | None = None
+    """Test images to use (default: the whole test split)."""
+
+
+class TensorRTConfig(StrictModel):
+    precision: Literal["fp32", "fp16", "int8"] = "fp16"
+    """int8 needs a QDQ graph: it is built from a calibrated int8 ONNX (TensorRT 11 has no calibrator)."""
+    min_batch: PositiveInt = 1
+    opt_batch: PositiveInt = 8
+    max_batch: PositiveInt = 64
+    workspace_gb: float = Field(4.0, gt=0)
+
+
+class ExportConfig(StageConfig):
+    """Export the deployable student and check it against PyTorch on real images."""
+
+    type: Literal["export"]
+    format: ExportFormat = "onnx"
+    opset: int = 18
+    """ONNX opset (kdpipe checks it against the installed exporter's range)."""
+    dynamic_batch: bool = True
+    """A symbolic batch dimension (checked by running batch 1 and batch 8 through onnxruntime)."""
+    max_batch_size: PositiveInt = 64
+    """Largest batch the artifact is meant to serve (Triton max_batch_size, TensorRT profile max)."""
+    simplify: bool = True
+    """Simplify the graph with onnxslim (kept only when outputs are unchanged)."""
+    parity: ParityConfig = Field(default_factory=ParityConfig)
+    calibration_samples: PositiveInt = 512
+    """onnx-int8 (and tensorrt int8): training images used to calibrate activation ranges."""
+    per_channel: bool = True
+    """onnx-int8: per-output-channel weight scales."""
+    tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExportConfig:
+        if self.format == "tensorrt" and self.tensorrt.max_batch < self.tensorrt.opt_batch:
+            raise ValueError("tensorrt.max_batch must be >= tensorrt.opt_batch")
+        if self.format == "tensorrt" and self.tensorrt.opt_batch < self.tensorrt.min_batch:
+            raise ValueError("tensorrt.opt_batch must be >= tensorrt.min_batch")
+        if not self.dynamic_batch and self.max_batch_size != 1:
+            raise ValueError("a static export serves batch 1 only: set max_batch_size: 1 or dynamic_batch: true")
+        return self
+
+
+def tolerances(cfg: ExportConfig) -> dict[str, float | None]:
+    """The parity gates in force: the configured values, else the format's defaults."""
+    defaults = DEFAULT_PARITY[cfg.format]
+    return {k: getattr(cfg.parity, k) if getattr(cfg.parity, k) is not None else v for k, v in defaults.items()}
+
+
+@STAGES.register("export", summary="ONNX fp32/fp16/int8 or TensorRT, with a parity gate on real images")
+class ExportStage(Stage):
+    Config = ExportConfig
+    provides = frozenset({"export"})
+    config: ExportConfig
+
+    @classmethod
+    def requires(cls, config: Any) -> tuple[str, ...]:
+        return ("model",)
+
+    @classmethod
+    def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:
+        fmt: FormatInfo = FORMATS.get(config.format)
+        where = loaded.where(("stages", name, "format"))
+        missing = [lib for lib in fmt.requires if importlib.util.find_spec(lib) is None]
+        if missing:
+            raise ConfigError(
+                f"{where}: stages.{name}.format: {config.format!r} needs {', '.join(missing)}, which is not installed",
+                hint=fmt.hint,
+            )
+        from kdpipe.exports import check_opset
+
+        try:
+            check_opset(config.opset)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{loaded.where(('stages', name, 'opset'))}: stages.{name}.opset: {exc.message}"
+            ) from None
+
+    def run(self) -> StageResult:
+        from kdpipe.exports import (
+            ParityTolerance,
+            Preprocessing,
+            check_parity,
+            convert_fp16,
+            create_onnx_session,
+            export_onnx,
+            measure_parity,
+            quantize_int8,
+            run_onnx,
+        )
+
+        ctx, cfg = self.ctx, self.config
+        splits = ctx.data()
+        record = ctx.find("student") or ctx.require("model")
+        model = load_stage_model(record, splits, torch.device("cpu"))
+        model_name = record.result["info"]["model_name"]
+        pre = Preprocessing(
+            mean=tuple(splits.mean),
+            std=tuple(splits.std),
+            image_size=splits.image_size,
+            in_chans=splits.in_chans,
+            channel_order="RGB" if splits.in_chans == 3 else "L",
+            classes=tuple(splits.classes),
+        )
+        meta = {"run": ctx.pipeline.name, "stage": ctx.name, "model": model_name}
+        fp32_path = ctx.dir / ("model.onnx" if cfg.format == "onnx" else "model.fp32.onnx")
+        info = export_onnx(
+            model,
+            fp32_path,
+            preprocessing=pre,
+            opset=cfg.opset,
+            dynamic_batch=cfg.dynamic_batch,
+            simplify=cfg.simplify,
+            metadata=meta,
+        )
+        artifact = fp32_path
+        if cfg.format == "onnx-fp16":
+            artifact = convert_fp16(fp32_path, ctx.dir / "model.onnx")
+        elif cfg.format == "onnx-int8" or (cfg.format == "tensorrt" and cfg.tensorrt.precision == "int8"):
+            calibration = normalize(splits.train.images[: cfg.calibration_samples], splits.mean, splits.std)
+            for_trt = cfg.format == "tensorrt"
+            out = ctx.dir / ("model.int8.onnx" if for_trt else "model.onnx")
+            # onnxruntime's CPU kernels fuse uint8 activations; TensorRT only accepts signed symmetric int8 Q/DQ
+            act = "int8" if for_trt else "uint8"
+            artifact = quantize_int8(fp32_path, out, calibration, per_channel=cfg.per_channel, activation_type=act)
+        elif cfg.format == "tensorrt" and cfg.tensorrt.precision == "fp16":
+            artifact = convert_fp16(fp32_path, ctx.dir / "model.fp16.onnx")
+
+        # Parity on real test images (never dummies): the exported artifact against the PyTorch student.
+        n = cfg.parity.samples or len(splits.test)
+        images, labels = normalize(splits.test.images[:n], splits.mean, splits.std), splits.test.labels[:n]
+        if cfg.format == "tensorrt":
+            from kdpipe.exports.tensorrt import build_engine, load_engine
+
+            trt = cfg.tensorrt
+            stamp = build_engine(
+                artifact,
+                ctx.dir / "model.plan",
+                precision=trt.precision,
+                min_batch=trt.min_batch,
+                opt_batch=trt.opt_batch,
+                max_batch=trt.max_batch,
+                workspace_gb=trt.workspace_gb,
+            )
+            runner = load_engine(ctx.dir / "model.plan")
+            artifact = ctx.dir / "model.plan"
+            extra: dict[str, Any] = {"engine": vars(stamp)}
+
+            def run_exported(x: np.ndarray) -> np.ndarray:
+                return runner(x)
+
+            batch = trt.max_batch
+        else:
+            session = create_onnx_session(artifact)
+            extra = {}
+
+            def run_exported(x: np.ndarray) -> np.ndarray:
+                return run_onnx(session, x, batch_size=cfg.max_batch_size if cfg.dynamic_batch else 1)
+
+            batch = 256
+        report = measure_parity(model, run_exported, images, labels, batch_size=batch)
+        gates = tolerances(cfg)
+        failures = check_parity(report, ParityTolerance(**gates), label=f"{ctx.name} ({cfg.format})")
+        parity = {**report.to_dict(), "tolerances": gates, "passed": not failures, "failures": failures}
+        atomic_write_json(ctx.dir / "parity.json", parity)
+        if failures:
+            ctx.event("gate_failed", parity=parity)
+            raise GateFailed("; ".join(failures), hint=f"the parity report is in {ctx.dir / 'parity.json'}")
+        artifacts = {"model": artifact.name, "parity": "parity.json"}
+        if artifact != fp32_path:
+            artifacts["fp32"] = fp32_path.name
+        size = artifact.stat().st_size
+        metrics = {
+            "top1": report.export_top1,
+            "torch_top1": report.torch_top1,
+            "top1_agreement": report.top1_agreement,
+            "max_abs_diff": report.max_abs_diff,
+            "size_bytes": size,
+        }
+        return StageResult(
+            metrics=metrics,
+            artifacts=artifacts,
+            summary=(
+                f"{artifact.name} ({cfg.format}, {size / 1e6:.2f} MB): top-1 {report.export_top1:.4f} "
+                f"(torch {report.torch_top1:.4f}), agreement {report.top1_agreement:.4f}, "
+                f"max |diff| {report.max_abs_diff:.2e}"
+            ),
+            info={
+                "model_name": model_name,
+                "format": cfg.format,
+                "source_stage": record.name,
+                "input_name": info.input_name,
+                "output_name": info.output_name,
+                "input_shape": [splits.in_chans, splits.image_size, splits.image_size],
+                "num_classes": splits.num_classes,
+                "dynamic_batch": cfg.dynamic_batch,
+                "max_batch_size": cfg.max_batch_size if cfg.dynamic_batch else 1,
+                "opset": cfg.opset,
+                "simplified": info.simplified,
+                "parity": parity,
+                **extra,
+            },
+        )

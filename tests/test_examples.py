@@ -27,11 +27,26 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunSumma
 def test_digits_example_meets_its_claims(digits_run: tuple[Path, RunSummary]) -> None:
     run_dir, summary = digits_run
     metrics = {o.name: o.metrics for o in summary.stages}
-    assert [o.status for o in summary.stages] == ["ran"] * 4
+    assert [o.name for o in summary.stages] == [
+        "teacher",
+        "distill",
+        "verify",
+        "onnx",
+        "int8",
+        "bench",
+        "serve",
+        "card",
+    ]
+    assert [o.status for o in summary.stages] == ["ran"] * 8
     assert metrics["teacher"]["top1"] >= 0.97
     assert metrics["distill"]["top1"] >= 0.95
     assert metrics["distill"]["compression"] >= 5.0
     assert metrics["verify"]["gates_passed"] == 2
+    # the exports match the student on the real test images; int8 costs at most one point of top-1
+    assert metrics["onnx"]["max_abs_diff"] <= 1e-3 and metrics["onnx"]["top1_agreement"] >= 0.999
+    assert metrics["int8"]["torch_top1"] - metrics["int8"]["top1"] <= 0.01
+    assert metrics["bench"]["errors"] == 0 and metrics["bench"]["cells"] == 9
+    assert (run_dir / "serve" / "model_repository" / "digits-kd" / "config.pbtxt").is_file()
     history = json.loads((run_dir / "distill" / "result.json").read_text())["info"]["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     with safe_open(run_dir / "distill" / "model.safetensors", "pt") as f:
@@ -42,7 +57,7 @@ def test_digits_example_meets_its_claims(digits_run: tuple[Path, RunSummary]) ->
 def test_digits_example_rerun_skips_every_stage(digits_run: tuple[Path, RunSummary]) -> None:
     run_dir, _ = digits_run
     again = Runner(load_config(DIGITS), run_dir).run()
-    assert [o.status for o in again.stages] == ["skipped"] * 4
+    assert [o.status for o in again.stages] == ["skipped"] * 8
 
 
 def test_digits_card_loads_with_huggingface_hub(digits_run: tuple[Path, RunSummary]) -> None:
@@ -51,7 +66,7 @@ def test_digits_card_loads_with_huggingface_hub(digits_run: tuple[Path, RunSumma
     run_dir, _ = digits_run
     card = ModelCard.load(run_dir / "card" / "README.md")
     roles = {r.metric_config for r in card.data.eval_results}
-    assert roles == {"student", "teacher"}
+    assert roles == {"student", "teacher", "onnx", "int8"}
     assert card.data.base_model == "wrn_16_2"
 
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import shlex
@@ -20,7 +19,7 @@ from rich.progress import Progress as RichProgressBar
 from rich.table import Table
 
 import kdpipe
-from kdpipe.errors import GateFailed, Interrupted, KdpipeError
+from kdpipe.errors import GateFailed, Interrupted, KdpipeError, handle_errors
 
 console = Console(stderr=True)
 stdout = Console()
@@ -34,26 +33,6 @@ EXIT_CODES = {
     5: "stage crashed",
     130: "interrupted",
 }
-
-
-def _fail(exc: KdpipeError) -> None:
-    console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
-    if exc.hint:
-        console.print(f"  [yellow]hint:[/] {exc.hint}", highlight=False, soft_wrap=True)
-
-
-def handle_errors(fn: F) -> F:
-    """Turn KdpipeErrors into a message and their exit code; never a traceback for a user error."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except KdpipeError as exc:
-            _fail(exc)
-            sys.exit(exc.exit_code)
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _setup_logging(verbose: int) -> None:

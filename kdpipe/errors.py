@@ -5,6 +5,13 @@ A message must say what is wrong, where (file:line, field, or path) and what to 
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
 
 class KdpipeError(Exception):
     """Base of every error kdpipe reports to a user. ``exit_code`` is what ``kdpipe`` exits with."""
@@ -56,3 +63,21 @@ class Interrupted(KdpipeError):
     """The run was stopped by SIGINT/SIGTERM after saving a checkpoint; rerunning resumes it (exit 130)."""
 
     exit_code = 130
+
+
+def handle_errors(fn: F) -> F:
+    """Decorator for command-line entry points: a KdpipeError becomes a one-line ``error: ...`` (plus its hint) on
+    stderr and the error's exit code; never a traceback for a user error. Every kdpipe command uses it."""
+    import click
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KdpipeError as exc:
+            click.echo(f"{click.style('error:', fg='red', bold=True)} {exc.message}", err=True)
+            if exc.hint:
+                click.echo(f"  {click.style('hint:', fg='yellow')} {exc.hint}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]

@@ -13,21 +13,19 @@ What each kind of file needs:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
-import sys
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 import torch
 from torch import nn
 
 from kdpipe.bench.measure import BenchCell, BenchTarget, resolve_device, run_benchmark
-from kdpipe.errors import ConfigError, DataError, KdpipeError
+from kdpipe.errors import ConfigError, DataError, handle_errors
 from kdpipe.progress import Progress
 from kdpipe.registry import BACKENDS
 
@@ -274,25 +272,6 @@ def _dim(shapes: dict[str, tuple[int, ...]], module: str | tuple[str, ...] | Non
     return None
 
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _one_line_errors(fn: F) -> F:
-    # kdpipe.cli.handle_errors does this for the other commands, but kdpipe.bench sits below kdpipe.cli in the
-    # import layers and cannot import it; the message format and exit codes are the same.
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except KdpipeError as exc:
-            click.echo(f"error: {exc.message}", err=True)
-            if exc.hint:
-                click.echo(f"  hint: {exc.hint}", err=True)
-            sys.exit(exc.exit_code)
-
-    return wrapper  # type: ignore[return-value]
-
-
 def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
     try:
         sizes = [int(v) for v in value.split(",") if v.strip()]
@@ -329,7 +308,7 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> list
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 @click.option("--out", type=click.Path(path_type=Path), help="Report folder (default: <model stem>.bench/ beside it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the cells as JSON instead of a table.")
-@_one_line_errors
+@handle_errors
 def bench_command(
     model: Path,
     batch_sizes: list[int],

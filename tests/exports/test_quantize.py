@@ -20,12 +20,7 @@ from kdpipe.exports import (
     quantize_int8,
     read_metadata,
 )
-from tests.exports.test_parity import Digits, trained_digits
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> Digits:
-    return trained_digits(tmp_path_factory.getbasetemp())
+from tests.exports.conftest import Digits
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from kdpipe.errors import ConfigError
+from kdpipe.exports.runtime import create_onnx_session
 from kdpipe.registry import BACKENDS
 
 if TYPE_CHECKING:
@@ -276,11 +277,6 @@ class OnnxRuntimeBackend(Backend):
         path = Path(self.target.path)  # type: ignore[arg-type]  # check_target ran
         if not path.is_file():
             raise ConfigError(f"ONNX file {path} does not exist")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1  # one model, one request at a time: parallelism inside operators only
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers: list[Any] = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" in ort.get_available_providers():
@@ -288,7 +284,8 @@ class OnnxRuntimeBackend(Backend):
             else:
                 self.notes = "CUDAExecutionProvider unavailable (onnxruntime-gpu not installed): ran on CPU"
                 logger.warning("onnxruntime has no CUDA execution provider; %s runs on CPU", path.name)
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        # the same session settings as export parity checks: all graph optimisations, one inter-op thread
+        self.session = create_onnx_session(path, providers=providers, threads=self.threads)
         self.provider = self.session.get_providers()[0]
         self.notes = self.notes or f"provider={self.provider}"
 

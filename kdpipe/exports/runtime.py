@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -52,20 +53,21 @@ def onnx_providers() -> list[str]:
 def create_onnx_session(
     path: Path | str | bytes,
     *,
-    providers: list[str] | None = None,
+    providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
     threads: int | None = None,
 ) -> ort.InferenceSession:
     """Open an ONNX model (a file path, or serialized bytes) in an onnxruntime session.
 
-    ``providers`` defaults to ``onnx_providers()`` (CUDA when this build has it, then CPU); naming one this build
+    ``providers`` defaults to ``onnx_providers()`` (CUDA when this build has it, then CPU); an entry may be a
+    ``(name, options)`` pair such as ``("CUDAExecutionProvider", {"device_id": 1})``; naming one this build
     lacks is a ``ConfigError`` listing those it has. ``threads`` sets the intra-op thread count (None: onnxruntime's
     default, one per physical core). Graph optimisations are all enabled (constant folding, operator fusion,
     layout transforms and the QDQ -> QLinearConv fusion that makes int8 models fast on CPU).
     """
     ort = require_module("onnxruntime")
     available = ort.get_available_providers()
-    chosen = list(providers) if providers is not None else onnx_providers()
-    missing = [p for p in chosen if p not in available]
+    chosen: list[Any] = list(providers) if providers is not None else onnx_providers()
+    missing = [p for p in chosen if (p if isinstance(p, str) else p[0]) not in available]
     if missing or not chosen:
         raise ConfigError(
             f"onnxruntime execution provider(s) {missing or chosen} not available; this build has {available}",

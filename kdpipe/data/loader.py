@@ -141,6 +141,12 @@ class BatchLoader:
     def __iter__(self) -> Iterator[Batch]:
         return self.iter_from(0)
 
+    def batch(self, epoch: int, step: int) -> Batch:
+        """Batch ``step`` of ``epoch``, exactly as a full iteration of that epoch would produce it."""
+        if not 0 <= step < self._num_batches:
+            raise ValueError(f"step must be in [0, {self._num_batches}), got {step}")
+        return next(self._iterate(epoch, step))
+
     def __repr__(self) -> str:
         return (
             f"BatchLoader(samples={self.num_samples}, batch_size={self.batch_size}, batches={len(self)}, "

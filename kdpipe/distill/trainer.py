@@ -145,8 +145,7 @@ class Trainer:
             log.debug("precision %s is for GPUs; training in fp32 on %s", precision, device.type)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
-        trainable = [p for p in self.method.parameters() if p.requires_grad]
-        self.optimizer = create_optimizer(trainable, cfg, device)
+        self.optimizer = create_optimizer(self.method.optimized_parameters(), cfg, device)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
@@ -158,6 +157,7 @@ class Trainer:
             "step": step,
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "method_optimizers": {k: o.state_dict() for k, o in self.method.own_optimizers().items()},
             "scaler": self.scaler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -184,6 +184,10 @@ class Trainer:
             return 0, 0
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
+        saved = state.get("method_optimizers", {})
+        for key, opt in self.method.own_optimizers().items():
+            if key in saved:
+                opt.load_state_dict(saved[key])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] and torch.cuda.is_available():
@@ -228,6 +232,7 @@ class Trainer:
                 lr = cfg.lr * lr_factor(cfg, epoch)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
+                self.method.lr = lr
                 self.method.on_epoch_start(epoch, cfg.epochs)
                 self.train_batches.set_epoch(epoch)
                 first = start_step if epoch == start_epoch else 0
@@ -260,6 +265,7 @@ class Trainer:
                 row: dict[str, float] = {"epoch": epoch + 1, "lr": lr}
                 row.update({f"train_{k}": v / max(seen, 1) for k, v in sums.items()})
                 row["train_top1"] = correct / max(seen, 1)
+                row.update(self.method.epoch_metrics())
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                     ev = evaluate(self.method.deployable(), self.eval_batches, self.num_classes)
                     row.update({"eval_top1": ev.top1, "eval_top5": ev.top5, "eval_loss": ev.loss})

@@ -9,9 +9,13 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from kdpipe.config import StageConfig, TrainConfig
+from kdpipe.config import LoadedConfig, StageConfig, TrainConfig
+from kdpipe.data import BatchLoader
+from kdpipe.data.splits import derive_seed
 from kdpipe.distill.evaluate import evaluate
 from kdpipe.distill.methods import create_method, method_params_union
+from kdpipe.distill.methods.base import MethodContext
+from kdpipe.errors import ConfigError
 from kdpipe.distill.methods.kd import KDParams
 from kdpipe.distill.trainer import Precision
 from kdpipe.models.factory import count_params
@@ -48,6 +52,62 @@ class DistillStage(Stage):
     def requires(cls, config: Any) -> tuple[str, ...]:
         return ("teacher",) if METHODS.get(config.method.name).teacher_role == "frozen" else ()
 
+    @classmethod
+    def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:
+        method_cls = METHODS.get(config.method.name)
+        where = loaded.where(("stages", name, "method", "name"))
+        if method_cls.needs_val_split and loaded.config.data.val_fraction <= 0:
+            raise ConfigError(
+                f"{where}: stages.{name}.method: {config.method.name} learns from a held-out validation split, "
+                "but data.val_fraction is 0",
+                hint="set data.val_fraction (e.g. 0.1)",
+            )
+        teacher = _teacher_model(name, config, loaded) if method_cls.teacher_role == "frozen" else None
+        try:
+            method_cls.check_pair(config.method, config.student, teacher)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: stages.{name}.method: {exc}") from None
+
+    def _method_context(self, student_name: str, teacher_name: str) -> MethodContext:
+        ctx = self.ctx
+        splits = ctx.data()
+
+        def train_eval_batches() -> Any:
+            loader = BatchLoader(
+                splits.train, batch_size=256, train=False, mean=splits.mean, std=splits.std, device=ctx.device
+            )
+            return iter(loader)
+
+        val_loader: BatchLoader | None = None
+        if splits.val is not None and len(splits.val) > 0:
+            val_loader = BatchLoader(
+                splits.val,
+                batch_size=self.config.train.batch_size,
+                train=True,
+                augment="none",
+                seed=derive_seed(ctx.seed, "meta-val"),
+                mean=splits.mean,
+                std=splits.std,
+                device=ctx.device,
+                drop_last=False,
+            )
+
+        def val_batch(k: int) -> Any:
+            if val_loader is None:
+                raise ConfigError("this method needs a validation split; set data.val_fraction > 0")
+            epoch, step = divmod(k, len(val_loader))
+            return val_loader.batch(epoch, step)
+
+        return MethodContext(
+            input_shape=(splits.in_chans, splits.image_size, splits.image_size),
+            num_classes=splits.num_classes,
+            device=ctx.device,
+            train_eval_batches=train_eval_batches,
+            val_batch=val_batch,
+            student_name=student_name,
+            teacher_name=teacher_name,
+        )
+
     def run(self) -> StageResult:
         ctx, cfg = self.ctx, self.config
         splits = ctx.data()
@@ -61,7 +121,8 @@ class DistillStage(Stage):
         torch.manual_seed(ctx.seed)
         student = build_model(cfg.student, splits)
         info: dict[str, Any] = {**model_facts(student, cfg.student), **teacher_info, "method": cfg.method.name}
-        method = create_method(cfg.method, student, teacher)
+        context = self._method_context(cfg.student, teacher_info.get("teacher_model", ""))
+        method = create_method(cfg.method, student, teacher, context)
         label = f"{ctx.name} ({cfg.method.name}: {cfg.student})"
         result = train_method(ctx, method, cfg.train, cfg.precision, label)
         deployable = method.deployable()
@@ -78,6 +139,7 @@ class DistillStage(Stage):
         if teacher is not None:
             metrics["teacher_params"] = count_params(teacher)
             metrics["compression"] = metrics["teacher_params"] / metrics["params"]
+        info.update(method_params=cfg.method.model_dump(mode="json"))
         info.update(history=result.history, train_seconds=result.seconds, resumed_from=result.resumed_from)
         return StageResult(
             metrics=metrics,
@@ -85,3 +147,17 @@ class DistillStage(Stage):
             summary=f"{label}: test top-1 {test.top1:.4f}, {metrics['params'] / 1e6:.2f}M params",
             info=info,
         )
+
+
+def _teacher_model(name: str, config: Any, loaded: LoadedConfig) -> str | None:
+    """Model name of the teacher stage this distill stage will use: the first of its direct ``needs`` of type
+    teacher, else the nearest teacher stage above it (as ``StageContext.find`` resolves it at run time)."""
+    stages = loaded.config.stages
+    names = list(stages)
+    earlier = names[: names.index(name)]
+    candidates = [n for n in (config.needs or ()) if n in earlier] + list(reversed(earlier))
+    for candidate in candidates:
+        stage = stages[candidate]
+        if getattr(stage, "type", None) == "teacher":
+            return str(stage.model)
+    return None

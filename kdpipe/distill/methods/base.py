@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import torch
@@ -13,6 +15,29 @@ from kdpipe.registry import METHODS
 
 TeacherRole = Literal["frozen", "none"]
 """What a method needs from the teacher stage: a trained frozen teacher, or nothing (plain CE)."""
+
+
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass
+class MethodContext:
+    """What a method may need beyond its params and networks, given by the distill stage.
+
+    ``input_shape`` lets feature methods size their adapters with one dry forward. The batch sources are callables so
+    a method that does not use them costs nothing: ``train_eval_batches()`` iterates the train split with eval
+    transforms (no augmentation, fixed order), ``val_batch(k)`` returns the k-th batch of an endless, reshuffled-
+    every-pass stream over the held-out validation split (eval transforms), a pure function of (seed, k) so a resumed
+    run draws the same batches.
+    """
+
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    train_eval_batches: Callable[[], Iterator[Batch]] | None = None
+    val_batch: Callable[[int], Batch] | None = None
+    student_name: str = ""
+    teacher_name: str = ""
 
 
 class MethodParams(StrictModel):
@@ -31,13 +56,24 @@ class KDMethod(nn.Module):
 
     Params: ClassVar[type[MethodParams]]
     teacher_role: ClassVar[TeacherRole] = "frozen"
+    needs_val_split: ClassVar[bool] = False
+    """True for methods that learn from a held-out split (data.val_fraction must be > 0)."""
 
-    def __init__(self, params: MethodParams, student: nn.Module, teacher: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        params: MethodParams,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        context: MethodContext | None = None,
+    ) -> None:
         super().__init__()
         if self.teacher_role == "frozen" and teacher is None:
             raise ValueError(f"method {params.name!r} needs a teacher")
         self.params = params
         self.student = student
+        self.context = context
+        self.lr = 0.0
+        """The student's current learning rate, set by the trainer at every epoch start."""
         # A plain attribute inside a tuple: not a registered submodule, so the teacher never enters
         # state_dict(), parameters() or the optimizer.
         self._teacher: tuple[nn.Module, ...] = ()
@@ -46,6 +82,16 @@ class KDMethod(nn.Module):
             self._teacher = (teacher,)
         self.epoch = 0
         self.epochs = 1
+
+    @classmethod
+    def check_pair(cls, params: MethodParams, student: str, teacher: str | None) -> None:
+        """Refuse, before any work, a student/teacher pair this method cannot handle: raise ``ValueError`` with a
+        message that says what to change. Called by the distill stage's preflight with the model names."""
+
+    def require_context(self) -> MethodContext:
+        if self.context is None:
+            raise ValueError(f"method {self.params.name!r} needs a MethodContext (input shape, data) to be built")
+        return self.context
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -67,12 +113,32 @@ class KDMethod(nn.Module):
         """Called before each epoch (0-based); methods with warm-ups read ``self.epoch``/``self.epochs``."""
         self.epoch, self.epochs = epoch, epochs
 
+    def optimized_parameters(self) -> list[nn.Parameter]:
+        """What the trainer's optimizer updates: every trainable parameter not owned by :meth:`own_optimizers`."""
+        owned = {id(p) for opt in self.own_optimizers().values() for g in opt.param_groups for p in g["params"]}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in owned]
+
+    def own_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Optimizers the method steps itself (e.g. a meta-learned controller); the trainer checkpoints them."""
+        return {}
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Method statistics of the epoch just finished (logged with the epoch's metrics); reset in on_epoch_start."""
+        return {}
+
     def teacher_logits(self, images: Tensor) -> Tensor:
         """Teacher forward under inference_mode; cloned out of inference mode so autograd may save it."""
         assert self.teacher is not None
         with torch.inference_mode():
             logits = self.teacher(images)
         return logits.clone()
+
+    def teacher_features(self, taps: Any, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Teacher logits and tapped maps (``taps``: a :class:`kdpipe.distill.taps.Taps` on the teacher) under
+        inference_mode, cloned so autograd may save them as targets."""
+        with torch.inference_mode():
+            logits, maps = taps(images)
+        return logits.clone(), [m.clone() for m in maps]
 
     def loss(self, student_out: Tensor, teacher_out: Tensor | None, targets: Tensor) -> dict[str, Tensor]:
         """Loss terms for one batch; key ``loss`` is optimised, the other keys are logged."""
@@ -97,8 +163,10 @@ def method_params_union() -> Any:
     return Annotated[Union[models], Field(discriminator="name")]  # noqa: UP007  (a runtime tuple of classes)
 
 
-def create_method(params: MethodParams, student: nn.Module, teacher: nn.Module | None) -> KDMethod:
+def create_method(
+    params: MethodParams, student: nn.Module, teacher: nn.Module | None, context: MethodContext | None = None
+) -> KDMethod:
     """Build the registered method named by ``params.name``."""
     cls = METHODS.get(params.name)
-    method: KDMethod = cls(params, student, teacher)
+    method: KDMethod = cls(params, student, teacher, context)
     return method

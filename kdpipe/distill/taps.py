@@ -90,7 +90,9 @@ def stage_specs(model: nn.Module) -> list[TapSpec]:
             # Some timm families store the name with underscores where the module path has dots.
             dotted = module.replace("_", ".")
             if dotted not in names:
-                raise TapError(f"{type(model).__name__}.feature_info[{i}] names module {module!r}, which is not in the model")
+                raise TapError(
+                    f"{type(model).__name__}.feature_info[{i}] names module {module!r}, which is not in the model"
+                )
             module = dotted
         specs.append(TapSpec(i, module, int(entry["num_chs"]), int(entry["reduction"])))
     # A stride-2 first level in a pyramid of five or more is the stem, not a stage.
@@ -131,7 +133,9 @@ def pair_stages(teacher: Sequence[TapSpec], student: Sequence[TapSpec]) -> list[
         raise TapError("stage pairing needs at least one teacher tap and one student tap")
     if len(teacher) == len(student):
         return list(zip(teacher, student, strict=True))
-    short, long, short_is_teacher = (teacher, student, True) if len(teacher) < len(student) else (student, teacher, False)
+    short, long, short_is_teacher = (
+        (teacher, student, True) if len(teacher) < len(student) else (student, teacher, False)
+    )
     by_reduction = {s.reduction: s for s in long}  # the last tap of each reduction: the stage output
     if all(s.reduction in by_reduction for s in short):
         partners = [by_reduction[s.reduction] for s in short]
@@ -182,7 +186,10 @@ class Taps:
         self._outputs: dict[int, Tensor] = {}
         self._handles = []
         for pos, spec in enumerate(self.specs):
-            module = model.get_submodule(spec.module)
+            try:
+                module = model.get_submodule(spec.module)
+            except AttributeError:
+                raise TapError(f"{type(model).__name__} has no module {spec.module!r} to tap") from None
             self._handles.append(module.register_forward_hook(self._hook(pos)))
 
     def _hook(self, pos: int) -> Any:

@@ -15,9 +15,9 @@ from kdpipe.data.splits import derive_seed
 from kdpipe.distill.evaluate import evaluate
 from kdpipe.distill.methods import create_method, method_params_union
 from kdpipe.distill.methods.base import MethodContext
-from kdpipe.errors import ConfigError
 from kdpipe.distill.methods.kd import KDParams
 from kdpipe.distill.trainer import Precision
+from kdpipe.errors import ConfigError
 from kdpipe.models.factory import count_params
 from kdpipe.registry import METHODS, STAGES
 from kdpipe.stages.base import Stage, StageResult

@@ -45,8 +45,15 @@ class DigitsRun:
         return method_context(self.splits, batch_size)
 
     def train(
-        self, params: MethodParams, *, epochs: int = 4, batch_size: int = 64, lr: float = 0.05, seed: int = 0,
-        student: nn.Module | None = None, tmp_path: Path,
+        self,
+        params: MethodParams,
+        *,
+        epochs: int = 4,
+        batch_size: int = 64,
+        lr: float = 0.05,
+        seed: int = 0,
+        student: nn.Module | None = None,
+        tmp_path: Path,
     ) -> tuple[KDMethod, TrainResult]:
         """Train a fresh resnet8 with ``params`` for ``epochs`` (cosine lr) and return the method and the result."""
         student = student if student is not None else self.student(seed=seed)
@@ -57,16 +64,25 @@ class DigitsRun:
 
 
 def loaders(splits: Splits, batch_size: int, seed: int = 0) -> tuple[BatchLoader, BatchLoader]:
-    train = BatchLoader(splits.train, batch_size=batch_size, train=True, augment="crop", seed=seed,
-                        mean=splits.mean, std=splits.std)
+    train = BatchLoader(
+        splits.train, batch_size=batch_size, train=True, augment="crop", seed=seed, mean=splits.mean, std=splits.std
+    )
     test = BatchLoader(splits.test, batch_size=256, train=False, mean=splits.mean, std=splits.std)
     return train, test
 
 
 def method_context(splits: Splits, batch_size: int = 64, seed: int = 0) -> MethodContext:
     """What the distill stage gives a method, built the same way for a test."""
-    val = BatchLoader(splits.val, batch_size=batch_size, train=True, augment="none", seed=derive_seed(seed, "meta-val"),
-                      mean=splits.mean, std=splits.std, drop_last=False)
+    val = BatchLoader(
+        splits.val,
+        batch_size=batch_size,
+        train=True,
+        augment="none",
+        seed=derive_seed(seed, "meta-val"),
+        mean=splits.mean,
+        std=splits.std,
+        drop_last=False,
+    )
 
     def train_eval() -> Any:
         return iter(BatchLoader(splits.train, batch_size=256, train=False, mean=splits.mean, std=splits.std))
@@ -75,16 +91,33 @@ def method_context(splits: Splits, batch_size: int = 64, seed: int = 0) -> Metho
         epoch, step = divmod(k, len(val))
         return val.batch(epoch, step)
 
-    return MethodContext(input_shape=(1, 16, 16), num_classes=10, train_eval_batches=train_eval, val_batch=val_batch,
-                         student_name=STUDENT_ARCH, teacher_name=TEACHER_ARCH)
+    return MethodContext(
+        input_shape=(1, 16, 16),
+        num_classes=10,
+        train_eval_batches=train_eval,
+        val_batch=val_batch,
+        student_name=STUDENT_ARCH,
+        teacher_name=TEACHER_ARCH,
+    )
 
 
-def fit(method: KDMethod, splits: Splits, work: Path, *, epochs: int, batch_size: int = 64, lr: float = 0.05,
-        seed: int = 0) -> TrainResult:
+def fit(
+    method: KDMethod, splits: Splits, work: Path, *, epochs: int, batch_size: int = 64, lr: float = 0.05, seed: int = 0
+) -> TrainResult:
     train, test = loaders(splits, batch_size, seed)
-    cfg = TrainConfig.model_validate({"epochs": epochs, "batch_size": batch_size, "lr": lr, "schedule": {"name": "cosine"}})
-    trainer = Trainer(method, cfg, train_batches=train, eval_batches=test, num_classes=10, device=torch.device("cpu"),
-                      checkpoint_path=work / "last.pt", fingerprint=f"test-{seed}")
+    cfg = TrainConfig.model_validate(
+        {"epochs": epochs, "batch_size": batch_size, "lr": lr, "schedule": {"name": "cosine"}}
+    )
+    trainer = Trainer(
+        method,
+        cfg,
+        train_batches=train,
+        eval_batches=test,
+        num_classes=10,
+        device=torch.device("cpu"),
+        checkpoint_path=work / "last.pt",
+        fingerprint=f"test-{seed}",
+    )
     return trainer.fit()
 
 

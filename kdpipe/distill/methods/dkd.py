@@ -11,7 +11,9 @@ Loss, with ``p^τ = softmax(z/τ)`` and y the label:
 Defaults are mdistiller's CIFAR-100 settings: w_ce = 1, α = 1, β = 8, τ = 4, warm-up 20 epochs. The warm-up factor
 uses the 0-based epoch plus one, so the first epoch already distils at 1/warmup (mdistiller: ``min(epoch /
 warmup, 1)`` with 1-based epochs). Everything runs in fp32; the non-target softmax drops the target column by
-masking it with -inf in fp32 (a large negative constant overflows in bf16/fp16), so p̂ is exact.
+masking it with -inf in fp32 (a large negative constant overflows in bf16/fp16), so p̂ is exact, and the
+binary part is taken in log space (log(1 − p_y) = logsumexp of the other logits − logsumexp of all), finite even
+where p_y rounds to 1.
 
 Taps: none (logits only). Teacher: frozen.
 """
@@ -43,35 +45,26 @@ class DKDParams(MethodParams):
     """The KD part ramps linearly from 1/warmup to 1 over this many epochs (0: no ramp)."""
 
 
-def _binary_kl(log_b_t: Tensor, log_b_s: Tensor) -> Tensor:
-    """KL(b_t ‖ b_s) of two-class distributions given as log-probabilities (B, 2), summed, batch mean."""
-    return (log_b_t.exp() * (log_b_t - log_b_s)).sum(1).mean()
-
-
-def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def dkd_parts(
+    student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
     """(TCKD, NCKD) at temperature τ, each a batch-mean KL without the τ² factor, computed in fp32."""
     z_s = student_logits.float() / temperature
     z_t = teacher_logits.float() / temperature
     target = F.one_hot(targets, z_s.shape[1]).bool()
-    # Binary part: log p_y and log(1 - p_y) from log-softmax, with log1p(-p) stable for p near 0.
-    log_p_s, log_p_t = F.log_softmax(z_s, 1), F.log_softmax(z_t, 1)
-    log_py_s = log_p_s.masked_select(target)
-    log_py_t = log_p_t.masked_select(target)
-    log_b_s = torch.stack([log_py_s, _log1mexp(log_py_s)], 1)
-    log_b_t = torch.stack([log_py_t, _log1mexp(log_py_t)], 1)
-    tckd = _binary_kl(log_b_t, log_b_s)
-    # Non-target part: softmax over the other classes (the target column masked out).
+    # Non-target logits: the target column masked out with -inf (exact; a finite constant overflows in bf16/fp16).
     masked_s = z_s.masked_fill(target, float("-inf"))
     masked_t = z_t.masked_fill(target, float("-inf"))
+    # Binary part in log space: log p_y = z_y − lse(z), log(1 − p_y) = lse(z_{≠y}) − lse(z). Exact even where p_y
+    # rounds to 1, where log(1 − softmax) would give −inf and the KL inf.
+    log_b_s = torch.stack([z_s.masked_select(target), masked_s.logsumexp(1)], 1) - z_s.logsumexp(1, keepdim=True)
+    log_b_t = torch.stack([z_t.masked_select(target), masked_t.logsumexp(1)], 1) - z_t.logsumexp(1, keepdim=True)
+    tckd = (log_b_t.exp() * (log_b_t - log_b_s)).sum(1).mean()
+    # Non-target part: KL of the softmaxes over the other classes.
     log_q_s = F.log_softmax(masked_s, 1).masked_fill(target, 0.0)
     log_q_t = F.log_softmax(masked_t, 1).masked_fill(target, 0.0)
     nckd = (log_q_t.exp() * (log_q_t - log_q_s)).sum(1).mean()
     return tckd, nckd
-
-
-def _log1mexp(log_p: Tensor) -> Tensor:
-    """log(1 − exp(log_p)) for log_p < 0, accurate at both ends (Mächler 2012)."""
-    return torch.where(log_p > -0.6931471805599453, torch.log(-torch.expm1(log_p)), torch.log1p(-torch.exp(log_p)))
 
 
 @METHODS.register("dkd", summary="decoupled KD: CE + τ²(α·TCKD + β·NCKD) with warm-up (arXiv 2203.08679)")

@@ -13,8 +13,8 @@ import kdpipe  # noqa: F401  (registers the CIFAR nets)
 from kdpipe.distill.taps import (
     ConvAdapter,
     TapError,
-    TapSpec,
     Taps,
+    TapSpec,
     pair_stages,
     resize_to,
     select_stages,
@@ -61,7 +61,7 @@ def test_stem_flag_and_selectors() -> None:
     assert [s.module for s in resnet] == ["act1", "layer1", "layer2", "layer3", "layer4"]
     assert resnet[0].stem and not any(s.stem for s in resnet[1:])
     assert [s.module for s in select_stages(resnet, "stages")] == ["layer1", "layer2", "layer3", "layer4"]
-    assert [s.module for s in select_stages(resnet, "all")][0] == "act1"
+    assert select_stages(resnet, "all")[0].module == "act1"
     assert [s.module for s in select_stages(resnet, "last")] == ["layer4"]
     assert [s.module for s in select_stages(resnet, 2)] == ["layer3", "layer4"]
     assert [s.module for s in select_stages(resnet, [-1, 1, 1])] == ["layer1", "layer4"]

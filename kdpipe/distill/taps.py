@@ -111,7 +111,9 @@ def select_stages(specs: Sequence[TapSpec], which: StageSelector = "stages") -> 
         return stages
     if which == "last":
         return stages[-1:]
-    if isinstance(which, int) and not isinstance(which, bool):
+    if isinstance(which, bool):
+        raise TapError(f"stage selector {which!r} is not a count; use 'all', 'stages', 'last', a count or indices")
+    if isinstance(which, int):
         if not 1 <= which <= len(stages):
             raise TapError(f"asked for the last {which} stages of a model with {len(stages)}")
         return stages[-which:]
@@ -160,9 +162,11 @@ def to_map(x: Tensor, model: nn.Module, input_hw: tuple[int, int] | None = None)
     embed = getattr(model, "patch_embed", None)
     if embed is not None:
         if input_hw is not None and hasattr(embed, "dynamic_feat_size"):
-            grid = tuple(embed.dynamic_feat_size(input_hw))  # type: ignore[assignment]
+            h, w = embed.dynamic_feat_size(input_hw)
+            grid = (int(h), int(w))
         elif getattr(embed, "grid_size", None) is not None:
-            grid = tuple(embed.grid_size)  # type: ignore[assignment]
+            h, w = embed.grid_size
+            grid = (int(h), int(w))
     if grid is None or grid[0] * grid[1] != n:
         side = math.isqrt(n)
         if side * side != n:

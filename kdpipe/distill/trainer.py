@@ -145,7 +145,21 @@ class Trainer:
             log.debug("precision %s is for GPUs; training in fp32 on %s", precision, device.type)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
-        self.optimizer = create_optimizer(self.method.optimized_parameters(), cfg, device)
+        self.optimizer: torch.optim.Optimizer | None = None
+        if method.manual_optimization:
+            method._scaler = self.scaler
+            method.configure_optimizers(self._optimizer_factory)
+            if not method.own_optimizers():
+                raise TypeError(f"{type(method).__name__} optimizes manually but configure_optimizers made none")
+        else:
+            self.optimizer = create_optimizer(self.method.optimized_parameters(), cfg, device)
+
+    def _optimizer_factory(self, params: Any, lr: float | None = None, **overrides: Any) -> torch.optim.Optimizer:
+        cfg = self.cfg.model_copy(update={"lr": self.cfg.lr if lr is None else lr, **overrides})
+        optimizer = create_optimizer(list(params), cfg, self.device)
+        for group in optimizer.param_groups:
+            group["base_lr"] = cfg.lr  # follows the schedule: lr = base_lr * lr_factor(epoch)
+        return optimizer
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
@@ -156,7 +170,7 @@ class Trainer:
             "epoch": epoch,
             "step": step,
             "method": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
             "method_optimizers": {k: o.state_dict() for k, o in self.method.own_optimizers().items()},
             "scaler": self.scaler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
@@ -183,7 +197,8 @@ class Trainer:
             log.info("checkpoint %s is from a different config; training from the start", path)
             return 0, 0
         self.method.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         saved = state.get("method_optimizers", {})
         for key, opt in self.method.own_optimizers().items():
             if key in saved:
@@ -212,6 +227,9 @@ class Trainer:
         loss = out["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {self.method.epoch + 1}; lower the lr")
+        if self.optimizer is None:  # the method stepped its own optimizers
+            self.scaler.update()
+            return out
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -230,8 +248,13 @@ class Trainer:
         with _StopFlag() as stop:
             for epoch in range(start_epoch, cfg.epochs):
                 lr = cfg.lr * lr_factor(cfg, epoch)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                factor = lr_factor(cfg, epoch)
+                for group in self.optimizer.param_groups if self.optimizer is not None else []:
+                    group["lr"] = cfg.lr * factor
+                for opt in self.method.own_optimizers().values():
+                    for group in opt.param_groups:
+                        if "base_lr" in group:
+                            group["lr"] = group["base_lr"] * factor
                 self.method.lr = lr
                 self.method.on_epoch_start(epoch, cfg.epochs)
                 self.train_batches.set_epoch(epoch)
@@ -269,6 +292,9 @@ class Trainer:
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                     ev = evaluate(self.method.deployable(), self.eval_batches, self.num_classes)
                     row.update({"eval_top1": ev.top1, "eval_top5": ev.top5, "eval_loss": ev.loss})
+                    for name, net in self.method.networks().items():
+                        if name != self.method.deployed_network:
+                            row[f"eval_top1_{name}"] = evaluate(net, self.eval_batches, self.num_classes).top1
                     if not ev.top1 <= result.best_top1:  # also true while best is nan
                         result.best_top1, result.best_epoch = ev.top1, epoch + 1
                     result.final = ev

@@ -34,12 +34,12 @@ def load_stage_model(record: StageRecord, splits: Splits, device: torch.device) 
     return model.to(device).eval()
 
 
-def save_stage_model(ctx: StageContext, model: nn.Module, model_name: str, role: str) -> str:
+def save_stage_model(ctx: StageContext, model: nn.Module, model_name: str, role: str, file: str = MODEL_FILE) -> str:
     """Save weights as safetensors with the facts to rebuild and trace them; returns the artifact path."""
     splits = ctx.data()
     save_weights(
         model,
-        ctx.dir / MODEL_FILE,
+        ctx.dir / file,
         metadata={
             "arch": model_name,
             "role": role,
@@ -55,7 +55,7 @@ def save_stage_model(ctx: StageContext, model: nn.Module, model_name: str, role:
             **{key: str(ctx.environment.get(key, "")) for key in ("kdpipe", "torch", "timm", "git_sha")},
         },
     )
-    return MODEL_FILE
+    return file
 
 
 def eval_split(splits: Splits) -> TensorSplit:

@@ -50,7 +50,7 @@ class DistillStage(Stage):
 
     @classmethod
     def requires(cls, config: Any) -> tuple[str, ...]:
-        return ("teacher",) if METHODS.get(config.method.name).teacher_role == "frozen" else ()
+        return ("teacher",) if METHODS.get(config.method.name).teacher_role in ("frozen", "joint") else ()
 
     @classmethod
     def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:
@@ -62,7 +62,15 @@ class DistillStage(Stage):
                 "but data.val_fraction is 0",
                 hint="set data.val_fraction (e.g. 0.1)",
             )
-        teacher = _teacher_model(name, config, loaded) if method_cls.teacher_role == "frozen" else None
+        teacher_stage = _teacher_stage(name, config, loaded) if method_cls.teacher_role != "none" else None
+        teacher = str(teacher_stage[1].model) if teacher_stage is not None else None
+        if method_cls.teacher_role == "frozen" and teacher_stage is not None and teacher_stage[1].weights is None:
+            raise ConfigError(
+                f"{where}: stages.{name}.method: {config.method.name} distils from a trained teacher, but stage "
+                f"{teacher_stage[0]!r} gives only an architecture (no weights)",
+                hint=f"give stages.{teacher_stage[0]}.weights (train, pretrained or checkpoint), "
+                "or use an online method (dml, switokd) that trains the teacher jointly",
+            )
         try:
             method_cls.check_pair(config.method, config.student, teacher)
         except ValueError as exc:
@@ -108,16 +116,43 @@ class DistillStage(Stage):
             teacher_name=teacher_name,
         )
 
+    def _networks(
+        self, method: Any, artifacts: dict[str, str], student_arch: str, teacher_arch: str
+    ) -> dict[str, dict[str, Any]]:
+        """Test metrics of every network an online method trained, and a weight file for each one not deployed
+        (``networks/<name>.safetensors``). Empty for methods that train only the student."""
+        nets = method.networks()
+        if len(nets) < 2:
+            return {}
+        ctx = self.ctx
+        splits = ctx.data()
+        out: dict[str, dict[str, Any]] = {}
+        for name, net in nets.items():
+            test = evaluate(net, test_loader(ctx), splits.num_classes)
+            arch = method.network_arch(name) or (teacher_arch if name == "teacher" else student_arch)
+            entry: dict[str, Any] = {"model": arch, "top1": test.top1, "top5": test.top5, "params": count_params(net)}
+            if name == method.deployed_network:
+                entry["deployed"] = True
+            else:
+                (ctx.dir / "networks").mkdir(exist_ok=True)
+                file = f"networks/{name}.safetensors"
+                role = f"online network {name}"
+                artifacts[f"network_{name}"] = save_stage_model(ctx, net, arch, role=role, file=file)
+            out[name] = entry
+        return out
+
     def run(self) -> StageResult:
         ctx, cfg = self.ctx, self.config
         splits = ctx.data()
         method_cls = METHODS.get(cfg.method.name)
         teacher = None
         teacher_info: dict[str, Any] = {}
-        if method_cls.teacher_role == "frozen":
+        if method_cls.teacher_role in ("frozen", "joint"):
             record = ctx.require("teacher")
             teacher = load_stage_model(record, splits, ctx.device)
             teacher_info = {"teacher_stage": record.name, "teacher_model": record.result["info"]["model_name"]}
+            if method_cls.teacher_role == "joint":
+                teacher.train()
         torch.manual_seed(ctx.seed)
         student = build_model(cfg.student, splits)
         info: dict[str, Any] = {**model_facts(student, cfg.student), **teacher_info, "method": cfg.method.name}
@@ -128,6 +163,7 @@ class DistillStage(Stage):
         deployable = method.deployable()
         test = evaluate(deployable, test_loader(ctx), splits.num_classes)
         artifacts = {"model": save_stage_model(ctx, deployable, cfg.student, role="student")}
+        networks = self._networks(method, artifacts, cfg.student, teacher_info.get("teacher_model", ""))
         metrics: dict[str, Any] = {
             "top1": test.top1,
             "top5": test.top5,
@@ -136,6 +172,9 @@ class DistillStage(Stage):
             "best_eval_top1": result.best_top1,
             "best_epoch": result.best_epoch,
         }
+        if networks:
+            metrics["networks"] = networks
+            metrics["deployed_network"] = method.deployed_network
         if teacher is not None:
             metrics["teacher_params"] = count_params(teacher)
             metrics["compression"] = metrics["teacher_params"] / metrics["params"]
@@ -149,8 +188,8 @@ class DistillStage(Stage):
         )
 
 
-def _teacher_model(name: str, config: Any, loaded: LoadedConfig) -> str | None:
-    """Model name of the teacher stage this distill stage will use: the first of its direct ``needs`` of type
+def _teacher_stage(name: str, config: Any, loaded: LoadedConfig) -> tuple[str, Any] | None:
+    """(name, config) of the teacher stage this distill stage will use: the first of its direct ``needs`` of type
     teacher, else the nearest teacher stage above it (as ``StageContext.find`` resolves it at run time)."""
     stages = loaded.config.stages
     names = list(stages)
@@ -159,5 +198,5 @@ def _teacher_model(name: str, config: Any, loaded: LoadedConfig) -> str | None:
     for candidate in candidates:
         stage = stages[candidate]
         if getattr(stage, "type", None) == "teacher":
-            return str(stage.model)
+            return candidate, stage
     return None

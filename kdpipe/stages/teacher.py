@@ -56,7 +56,9 @@ class TeacherConfig(StageConfig):
     type: Literal["teacher"]
     model: str
     """Any timm model name, or a CIFAR-style net kdpipe registers (kdpipe list models)."""
-    weights: TeacherWeights
+    weights: TeacherWeights | None = None
+    """Where the weights come from. Leave it out for an online method (dml, switokd), which trains the teacher
+    jointly with the student: the stage then saves the architecture at its seeded random initialisation."""
     precision: Precision = "bf16"
     """Training precision on GPU (fp32 | bf16 | fp16); CPU always trains in fp32."""
 
@@ -71,7 +73,7 @@ class TeacherStage(Stage):
 
     @classmethod
     def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:
-        ckpt = config.weights.checkpoint
+        ckpt = config.weights.checkpoint if config.weights is not None else None
         if ckpt is not None and not ckpt.is_file():
             where = loaded.where(("stages", name, "weights", "checkpoint"))
             raise ConfigError(f"{where}: stages.{name}.weights.checkpoint: file not found: {ckpt}")
@@ -80,12 +82,13 @@ class TeacherStage(Stage):
         ctx, cfg = self.ctx, self.config
         splits = ctx.data()
         torch.manual_seed(ctx.seed)
-        model = build_model(cfg.model, splits, pretrained=cfg.weights.pretrained, checkpoint=cfg.weights.checkpoint)
+        weights = cfg.weights or TeacherWeights.model_construct(pretrained=False, checkpoint=None, train=None)
+        model = build_model(cfg.model, splits, pretrained=weights.pretrained, checkpoint=weights.checkpoint)
         info: dict[str, Any] = model_facts(model, cfg.model)
         history: list[dict[str, float]] = []
-        if cfg.weights.train is not None:
+        if weights.train is not None:
             method = CrossEntropy(CEParams(), model)
-            result = train_method(ctx, method, cfg.weights.train, cfg.precision, f"{ctx.name} ({cfg.model})")
+            result = train_method(ctx, method, weights.train, cfg.precision, f"{ctx.name} ({cfg.model})")
             history = result.history
             info["train_seconds"] = result.seconds
             info["best_eval_top1"] = result.best_top1
@@ -98,11 +101,13 @@ class TeacherStage(Stage):
             metrics=metrics,
             artifacts=artifacts,
             summary=f"{cfg.model}: test top-1 {test.top1:.4f}, {info['params'] / 1e6:.2f}M params",
-            info={**info, "history": history, "source": _source(cfg.weights)},
+            info={**info, "history": history, "source": _source(cfg.weights), "trained": cfg.weights is not None},
         )
 
 
-def _source(weights: TeacherWeights) -> str:
+def _source(weights: TeacherWeights | None) -> str:
+    if weights is None:
+        return "architecture only (seeded random initialisation, trained jointly by an online method)"
     base = "pretrained" if weights.pretrained else f"checkpoint {weights.checkpoint}" if weights.checkpoint else ""
     if weights.train is not None:
         return f"fine-tuned from {base}" if base else "trained from scratch"

@@ -82,3 +82,35 @@ def test_unsupported_pair_is_refused_before_work(write_config: Callable[..., Pat
     with pytest.raises(ConfigError, match=r"stages\.yaml:\d+: stages\.distill\.method: .*convnext"):
         Runner(load_config(cfg), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_online_method_trains_an_architecture_only_teacher(write_config: Callable[..., Path], tmp_path: Path) -> None:
+    text = PIPELINE.replace("METHOD", "{name: dml}").replace(
+        "    weights: {train: {epochs: 1, batch_size: 32, lr: 0.05}}\n", ""
+    )
+    summary = Runner(load_config(write_config(text)), tmp_path / "run").run()
+    assert [s.status for s in summary.stages] == ["ran", "ran"]
+    teacher = json.loads((tmp_path / "run" / "teacher" / "result.json").read_text())
+    assert teacher["info"]["trained"] is False and "architecture only" in teacher["info"]["source"]
+    result = json.loads((tmp_path / "run" / "distill" / "result.json").read_text())
+    networks = result["metrics"]["networks"]
+    assert set(networks) == {"teacher", "student"} and result["metrics"]["deployed_network"] == "student"
+    assert networks["teacher"]["model"] == "resnet14" and networks["student"].get("deployed") is True
+    saved = load_file(tmp_path / "run" / "distill" / result["artifacts"]["network_teacher"])
+    initial = load_file(tmp_path / "run" / "teacher" / "model.safetensors")
+    assert set(saved) == set(initial)
+    assert any(not torch.equal(saved[k], initial[k]) for k in saved), "the teacher must have been trained jointly"
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()
+        if '"epoch"' in line and '"distill"' in line
+    ]
+    assert all("eval_top1_teacher" in row for row in rows if row["event"] == "epoch")
+
+
+def test_offline_method_refuses_an_untrained_teacher(write_config: Callable[..., Path], tmp_path: Path) -> None:
+    text = PIPELINE.replace("METHOD", "{name: kd}").replace(
+        "    weights: {train: {epochs: 1, batch_size: 32, lr: 0.05}}\n", ""
+    )
+    with pytest.raises(ConfigError, match=r"kd distils from a trained teacher.*'teacher' gives only an architecture"):
+        Runner(load_config(write_config(text)), tmp_path / "run")

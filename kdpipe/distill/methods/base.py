@@ -13,8 +13,15 @@ from torch import Tensor, nn
 from kdpipe.config import StrictModel
 from kdpipe.registry import METHODS
 
-TeacherRole = Literal["frozen", "none"]
-"""What a method needs from the teacher stage: a trained frozen teacher, or nothing (plain CE)."""
+TeacherRole = Literal["frozen", "joint", "none"]
+"""What a method needs from the teacher stage: a trained teacher it keeps frozen ("frozen": kd, dkd, ...), a network
+it trains together with the student, from the teacher stage's weights or its random initialisation ("joint": dml,
+switokd), or nothing ("none": ce, ffsd)."""
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+"""``make(params, lr=None, **overrides)``: an optimizer built like the trainer's own (the stage's TrainConfig), with
+an optional base lr and field overrides (optimizer, momentum, nesterov, weight_decay). Its lr follows the stage's
+schedule."""
 
 
 Batch = tuple[Tensor, Tensor]
@@ -58,6 +65,10 @@ class KDMethod(nn.Module):
     teacher_role: ClassVar[TeacherRole] = "frozen"
     needs_val_split: ClassVar[bool] = False
     """True for methods that learn from a held-out split (data.val_fraction must be > 0)."""
+    manual_optimization: ClassVar[bool] = False
+    """True for methods that step their own optimizers inside :meth:`training_step` (online methods: which network
+    is updated depends on the batch). They create them in :meth:`configure_optimizers` and call
+    :meth:`backward_step`; the trainer then neither backpropagates nor steps."""
 
     def __init__(
         self,
@@ -72,6 +83,8 @@ class KDMethod(nn.Module):
         self.params = params
         self.student = student
         self.context = context
+        self._optimizers: dict[str, torch.optim.Optimizer] = {}
+        self._scaler: torch.amp.GradScaler | None = None
         self.lr = 0.0
         """The student's current learning rate, set by the trainer at every epoch start."""
         # A plain attribute inside a tuple: not a registered submodule, so the teacher never enters
@@ -119,8 +132,37 @@ class KDMethod(nn.Module):
         return [p for p in self.parameters() if p.requires_grad and id(p) not in owned]
 
     def own_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """Optimizers the method steps itself (e.g. a meta-learned controller); the trainer checkpoints them."""
-        return {}
+        """Optimizers the method steps itself (e.g. a meta-learned controller, or every network of an online
+        method); the trainer checkpoints them, and sets the lr of those made by its factory every epoch."""
+        return self._optimizers
+
+    def configure_optimizers(self, make: OptimizerFactory) -> None:
+        """Manual-optimization methods create their optimizers here with ``make`` (see :data:`OptimizerFactory`) and
+        store them in ``self._optimizers``; called by the trainer once, before a checkpoint is restored."""
+
+    def networks(self) -> dict[str, nn.Module]:
+        """Every network this method trains, by name; each is evaluated every epoch. ``deployed_network`` names
+        the one :meth:`deployable` returns."""
+        return {"student": self.student}
+
+    deployed_network: str = "student"
+
+    def network_arch(self, name: str) -> str:
+        """Model name of network ``name`` (for reports and saved weights); "" when unknown."""
+        ctx = self.context
+        if ctx is None:
+            return ""
+        return ctx.teacher_name if name == "teacher" else ctx.student_name
+
+    def backward_step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Backpropagate ``loss`` and step ``optimizer`` (with the trainer's fp16 loss scaling when it has one)."""
+        optimizer.zero_grad(set_to_none=True)
+        if self._scaler is not None and self._scaler.is_enabled():
+            self._scaler.scale(loss).backward()
+            self._scaler.step(optimizer)
+        else:
+            loss.backward()
+            optimizer.step()
 
     def epoch_metrics(self) -> dict[str, float]:
         """Method statistics of the epoch just finished (logged with the epoch's metrics); reset in on_epoch_start."""

@@ -260,6 +260,7 @@ class Trainer:
                 self.train_batches.set_epoch(epoch)
                 first = start_step if epoch == start_epoch else 0
                 sums: dict[str, float] = {}
+                counts: dict[str, int] = {}  # per key: a part some steps do not return is averaged over those that do
                 correct = seen = 0
                 task = self.progress.task(f"{self.label} {epoch + 1}/{cfg.epochs}", total=len(self.train_batches))
                 task.advance(first)
@@ -270,6 +271,7 @@ class Trainer:
                         for key, value in out.items():
                             if key != "logits" and value.numel() == 1:
                                 sums[key] = sums.get(key, 0.0) + float(value.detach()) * n
+                                counts[key] = counts.get(key, 0) + n
                         correct += int((out["logits"].argmax(1) == targets).sum())
                         seen += n
                         steps_done += 1
@@ -286,7 +288,7 @@ class Trainer:
                 finally:
                     task.close()
                 row: dict[str, float] = {"epoch": epoch + 1, "lr": lr}
-                row.update({f"train_{k}": v / max(seen, 1) for k, v in sums.items()})
+                row.update({f"train_{k}": v / max(counts[k], 1) for k, v in sums.items()})
                 row["train_top1"] = correct / max(seen, 1)
                 row.update(self.method.epoch_metrics())
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:

@@ -140,7 +140,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsRun:
     torch.manual_seed(0)
     teacher = create_model(TEACHER_ARCH, num_classes=10, in_chans=1)
     fit(create_method(CEParams(), teacher, None), splits, work, epochs=6, lr=0.1)
-    teacher.eval()
+    teacher.eval().zero_grad(set_to_none=True)
     top1 = test_top1(teacher, splits)
     assert top1 > 0.9, f"the digits teacher should learn (test top-1 {top1:.3f})"
     return DigitsRun(splits, teacher, top1, work)

@@ -39,7 +39,11 @@ stages:
 """
 
 # Method-specific statistics each method must log every epoch (beyond the loss parts).
-EPOCH_KEYS: dict[str, set[str]] = {"fusion_ratio": {"alpha_mean"}, "iakd": {"swap_prob"}}
+EPOCH_KEYS: dict[str, set[str]] = {
+    "fusion_ratio": {"alpha_mean", "alpha_std"},
+    "iakd": {"swap_p", "swap_fraction"},
+    "dpk": {"pi_0", "cka_0"},
+}
 
 
 def _methods() -> list[str]:

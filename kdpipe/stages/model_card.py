@@ -46,6 +46,32 @@ def _export_result(record: StageRecord) -> ModelResult:
     )
 
 
+def _network_results(student: StageRecord) -> dict[str, ModelResult]:
+    """Every network an online method trained (``metrics.networks`` of the distill stage), by name."""
+    return {
+        name: ModelResult(
+            role="teacher" if name == "teacher" else f"online {name}",
+            model_name=str(net["model"]),
+            metrics={k: float(net[k]) for k in ("top1", "top5") if k in net},
+            params=int(net["params"]) if "params" in net else None,
+        )
+        for name, net in student.metrics.get("networks", {}).items()
+        if not net.get("deployed")
+    }
+
+
+def _online_section(student: StageRecord) -> str:
+    networks = student.metrics.get("networks", {})
+    rows = ["| network | model | test top-1 | params | deployed |", "|---|---|---|---|---|"]
+    for name, net in networks.items():
+        deployed = "yes" if net.get("deployed") else "no"
+        rows.append(f"| {name} | {net['model']} | {net['top1']:.4f} | {net['params']:,} | {deployed} |")
+    return (
+        f"The method trained {len(networks)} networks together; only `{student.metrics.get('deployed_network')}` "
+        "is exported. The others' weights are in the distill stage's `networks/` folder.\n\n" + "\n".join(rows)
+    )
+
+
 def _sections(ctx: StageContext) -> dict[str, str]:
     """Parity, latency and serving sections from the export, benchmark and serve stages upstream."""
     sections: dict[str, str] = {}
@@ -125,6 +151,14 @@ class ModelCardStage(Stage):
         )
         facts.extra_results = [_export_result(r) for r in ctx.upstream if r.type == "export"]
         facts.extra_sections = _sections(ctx)
+        online = _network_results(student)
+        if online:
+            # The teacher stage gave an architecture (or a starting point); what the card reports is the network
+            # the online method trained.
+            if "teacher" in online:
+                facts.teacher = online.pop("teacher")
+            facts.extra_results = [*online.values(), *facts.extra_results]
+            facts.extra_sections = {"Online training": _online_section(student), **facts.extra_sections}
         paths = write_card(ctx.dir, facts)
         artifacts = {key: str(path.relative_to(ctx.dir)) for key, path in paths.items()}
         if (ctx.dir / PLOT).exists():

@@ -92,8 +92,9 @@ def test_online_method_trains_an_architecture_only_teacher(write_config: Callabl
     text = PIPELINE.replace("METHOD", "{name: dml}").replace(
         "    weights: {train: {epochs: 1, batch_size: 32, lr: 0.05}}\n", ""
     )
+    text += "  card:\n    type: model_card\n"
     summary = Runner(load_config(write_config(text)), tmp_path / "run").run()
-    assert [s.status for s in summary.stages] == ["ran", "ran"]
+    assert [s.status for s in summary.stages] == ["ran", "ran", "ran"]
     teacher = json.loads((tmp_path / "run" / "teacher" / "result.json").read_text())
     assert teacher["info"]["trained"] is False and "architecture only" in teacher["info"]["source"]
     result = json.loads((tmp_path / "run" / "distill" / "result.json").read_text())
@@ -110,6 +111,13 @@ def test_online_method_trains_an_architecture_only_teacher(write_config: Callabl
         if '"epoch"' in line and '"distill"' in line
     ]
     assert all("eval_top1_teacher" in row for row in rows if row["event"] == "epoch")
+    # The card reports the jointly trained teacher (not the teacher stage's random initialisation) and both networks.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "run" / "card" / "README.md")
+    facts = json.loads((tmp_path / "run" / "card" / "card.json").read_text())
+    assert facts["teacher"]["metrics"]["top1"] == pytest.approx(networks["teacher"]["top1"])
+    assert "## Online training" in card.text and "| teacher | resnet14 |" in card.text
 
 
 def test_offline_method_refuses_an_untrained_teacher(write_config: Callable[..., Path], tmp_path: Path) -> None:

@@ -56,6 +56,9 @@ class DataConfig(StrictModel):
     for data where a mirror image is another class, like digits), imagenet (random resized crop + flip), none."""
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Share of the train split held out (seeded, stratified) as a validation split. Accuracy is reported on test."""
+    subset: float | None = Field(None, gt=0.0, lt=1.0)
+    """Keep only this share of the train and test splits (stratified by class; the train part depends on the
+    seed, the test part never does): for smoke runs and CI, e.g. 0.02. Leave unset for real runs."""
     download: bool = False
     """cifar10/cifar100 only: download into root when missing (needs internet)."""
     cache_dir: Path | None = None

@@ -185,6 +185,11 @@ def create_splits(cfg: DataConfig, *, seed: int, base_dir: Path) -> Splits:
     source = load_source(cfg, root, cache_dir=cache_dir)
     train = TensorSplit(source.train_images, source.train_labels)
     test = TensorSplit(source.test_images, source.test_labels)
+    if cfg.subset is not None:
+        _, part = stratified_holdout(train.labels, cfg.subset, derive_seed(seed, "subset"))
+        train = train.select(part)
+        _, part = stratified_holdout(test.labels, cfg.subset, derive_seed(0, "subset-test"))
+        test = test.select(part)
     val = None
     if cfg.val_fraction > 0:
         keep, held = stratified_holdout(train.labels, cfg.val_fraction, derive_seed(seed, "val"))

@@ -70,6 +70,19 @@ def test_create_splits_val_seeded_and_stratified(tmp_path: Path) -> None:
     assert torch.all((shares - 0.2).abs() < 0.01)
 
 
+def test_subset_is_stratified_and_keeps_the_test_part_fixed(tmp_path: Path) -> None:
+    full = create_splits(DataConfig(kind="digits", val_fraction=0.0), seed=0, base_dir=tmp_path)
+    a = create_splits(DataConfig(kind="digits", val_fraction=0.0, subset=0.2), seed=0, base_dir=tmp_path)
+    b = create_splits(DataConfig(kind="digits", val_fraction=0.0, subset=0.2), seed=1, base_dir=tmp_path)
+    assert len(a.train) == round(0.2 * len(full.train)) and len(a.test) == round(0.2 * len(full.test))
+    shares = torch.bincount(a.train.labels, minlength=10) / torch.bincount(full.train.labels, minlength=10)
+    assert torch.all((shares - 0.2).abs() < 0.02), shares
+    assert not torch.equal(a.train.labels, b.train.labels) or not torch.equal(a.train.images, b.train.images)
+    assert torch.equal(a.test.images, b.test.images), "the test subset must not depend on the run seed"
+    with pytest.raises(ValueError):
+        DataConfig(kind="digits", subset=1.0)
+
+
 def test_val_fraction_zero_gives_no_val(tmp_path: Path) -> None:
     splits = create_splits(DataConfig(kind="synthetic", val_fraction=0.0), seed=0, base_dir=tmp_path)
     assert splits.val is None and len(splits.train) == 256

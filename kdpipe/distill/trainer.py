@@ -294,8 +294,11 @@ class Trainer:
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                     ev = evaluate(self.method.deployable(), self.eval_batches, self.num_classes)
                     row.update({"eval_top1": ev.top1, "eval_top5": ev.top5, "eval_loss": ev.loss})
-                    for name, net in self.method.networks().items():
-                        if name != self.method.deployed_network:
+                    networks = self.method.networks()
+                    for name, net in networks.items() if len(networks) > 1 else ():
+                        if name == self.method.deployed_network:  # online methods: every network under its name
+                            row[f"eval_top1_{name}"] = ev.top1
+                        else:
                             row[f"eval_top1_{name}"] = evaluate(net, self.eval_batches, self.num_classes).top1
                     if not ev.top1 <= result.best_top1:  # also true while best is nan
                         result.best_top1, result.best_epoch = ev.top1, epoch + 1

@@ -40,8 +40,12 @@ def _model(name: str, in_chans: int = 1, seed: int = 0) -> nn.Module:
     return timm.create_model(name, num_classes=10, in_chans=in_chans)
 
 
-def _method(params: IAKDParams | None = None, student: str = "resnet8", teacher: str = "resnet14",
-            shape: tuple[int, int, int] = SMALL) -> IAKD:
+def _method(
+    params: IAKDParams | None = None,
+    student: str = "resnet8",
+    teacher: str = "resnet14",
+    shape: tuple[int, int, int] = SMALL,
+) -> IAKD:
     ctx = MethodContext(input_shape=shape, num_classes=10)
     return IAKD(params or IAKDParams(), _model(student, shape[0]), _model(teacher, shape[0], seed=1), ctx)
 
@@ -56,8 +60,12 @@ def _batch(shape: tuple[int, int, int] = SMALL, n: int = 8) -> tuple[Tensor, Ten
 
 @pytest.mark.parametrize(
     ("name", "family", "stages"),
-    [("resnet8", "cifar", 3), ("wrn_16_2", "cifar", 3), ("mobilenetv2_x0_5_cifar", "cifar", 4),
-     ("resnet18", "timm-resnet", 4)],
+    [
+        ("resnet8", "cifar", 3),
+        ("wrn_16_2", "cifar", 3),
+        ("mobilenetv2_x0_5_cifar", "cifar", 4),
+        ("resnet18", "timm-resnet", 4),
+    ],
 )
 def test_executor_matches_forward(name: str, family: str, stages: int) -> None:
     model = _model(name, in_chans=3).eval()
@@ -75,12 +83,42 @@ def test_executor_refuses_other_families() -> None:
 
 # --- 2. golden values ---------------------------------------------------------------------------------------------
 
-LIN = [0.5, 0.43333333333333335, 0.3666666666666667, 0.3, 0.23333333333333334, 0.16666666666666669,
-       0.09999999999999998, 0.033333333333333326, 0.0, 0.0]
-COS = [0.5, 0.4783863644106502, 0.41728265158971456, 0.32725424859373686, 0.22386788418308667,
-       0.12500000000000006, 0.047745751406263165, 0.005463099816548578, 0.0, 0.0]
-LIN_WARMUP2 = [0.0, 0.0, 0.5, 0.40909090909090906, 0.3181818181818182, 0.2272727272727273, 0.13636363636363635,
-               0.04545454545454547, 0.0, 0.0]
+LIN = [
+    0.5,
+    0.43333333333333335,
+    0.3666666666666667,
+    0.3,
+    0.23333333333333334,
+    0.16666666666666669,
+    0.09999999999999998,
+    0.033333333333333326,
+    0.0,
+    0.0,
+]
+COS = [
+    0.5,
+    0.4783863644106502,
+    0.41728265158971456,
+    0.32725424859373686,
+    0.22386788418308667,
+    0.12500000000000006,
+    0.047745751406263165,
+    0.005463099816548578,
+    0.0,
+    0.0,
+]
+LIN_WARMUP2 = [
+    0.0,
+    0.0,
+    0.5,
+    0.40909090909090906,
+    0.3181818181818182,
+    0.2272727272727273,
+    0.13636363636363635,
+    0.04545454545454547,
+    0.0,
+    0.0,
+]
 
 
 @pytest.mark.parametrize("epoch", range(10))
@@ -251,8 +289,15 @@ def test_adapters_with_a_resolution_mismatch() -> None:
 # --- 5. pair checks -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("student", "teacher"), [("resnet8", "resnet14"), ("resnet18", "resnet34"),
-                                                  ("resnet8", "wrn_40_2"), ("mobilenetv2_x0_5_cifar", "resnet50")])
+@pytest.mark.parametrize(
+    ("student", "teacher"),
+    [
+        ("resnet8", "resnet14"),
+        ("resnet18", "resnet34"),
+        ("resnet8", "wrn_40_2"),
+        ("mobilenetv2_x0_5_cifar", "resnet50"),
+    ],
+)
 def test_check_pair_accepts_supported_pairs(student: str, teacher: str) -> None:
     IAKD.check_pair(IAKDParams(), student, teacher)
 

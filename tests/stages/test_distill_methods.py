@@ -43,6 +43,7 @@ EPOCH_KEYS: dict[str, set[str]] = {
     "fusion_ratio": {"alpha_mean", "alpha_std"},
     "iakd": {"swap_p", "swap_fraction"},
     "dpk": {"pi_0", "cka_0"},
+    "switokd": {"expert_frac", "gap", "delta"},
 }
 
 
@@ -88,8 +89,11 @@ def test_unsupported_pair_is_refused_before_work(write_config: Callable[..., Pat
     assert not (tmp_path / "run").exists()
 
 
-def test_online_method_trains_an_architecture_only_teacher(write_config: Callable[..., Path], tmp_path: Path) -> None:
-    text = PIPELINE.replace("METHOD", "{name: dml}").replace(
+@pytest.mark.parametrize("method", sorted(e.name for e in METHODS if e.obj.teacher_role == "joint"))
+def test_online_method_trains_an_architecture_only_teacher(
+    method: str, write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    text = PIPELINE.replace("METHOD", f"{{name: {method}}}").replace(
         "    weights: {train: {epochs: 1, batch_size: 32, lr: 0.05}}\n", ""
     )
     text += "  card:\n    type: model_card\n"
@@ -110,7 +114,9 @@ def test_online_method_trains_an_architecture_only_teacher(write_config: Callabl
         for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()
         if '"epoch"' in line and '"distill"' in line
     ]
-    assert all("eval_top1_teacher" in row for row in rows if row["event"] == "epoch")
+    assert all(
+        {"eval_top1_teacher", *EPOCH_KEYS.get(method, ())} <= set(row) for row in rows if row["event"] == "epoch"
+    )
     # The card reports the jointly trained teacher (not the teacher stage's random initialisation) and both networks.
     from huggingface_hub import ModelCard
 
@@ -126,3 +132,16 @@ def test_offline_method_refuses_an_untrained_teacher(write_config: Callable[...,
     )
     with pytest.raises(ConfigError, match=r"kd distils from a trained teacher.*'teacher' gives only an architecture"):
         Runner(load_config(write_config(text)), tmp_path / "run")
+
+
+def test_ffsd_needs_no_teacher_stage_and_deploys_the_leader(write_config: Callable[..., Path], tmp_path: Path) -> None:
+    text = PIPELINE.replace("METHOD", "{name: ffsd}")
+    text = text[: text.index("  teacher:")] + text[text.index("  distill:") :]
+    summary = Runner(load_config(write_config(text)), tmp_path / "run").run()
+    assert [s.status for s in summary.stages] == ["ran"]
+    result = json.loads((tmp_path / "run" / "distill" / "result.json").read_text())
+    networks = result["metrics"]["networks"]
+    assert set(networks) == {"student0", "student1", "leader"} and result["metrics"]["deployed_network"] == "leader"
+    assert networks["leader"]["deployed"] and result["metrics"]["top1"] == pytest.approx(networks["leader"]["top1"])
+    saved = load_file(tmp_path / "run" / "distill" / "model.safetensors")
+    assert set(saved) == set(create_model("resnet8", num_classes=4, in_chans=3).state_dict())

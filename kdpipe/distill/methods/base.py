@@ -47,6 +47,12 @@ class MethodContext:
     teacher_name: str = ""
 
 
+def linear_ramp(epoch: int, warmup_epochs: int) -> float:
+    """Weight of a loss term that ramps up linearly over ``warmup_epochs``: ``min((epoch + 1) / warmup, 1)`` for the
+    0-based ``epoch`` (the DKD/ReviewKD convention with 1-based epochs), 1 when there is no warm-up."""
+    return 1.0 if warmup_epochs <= 0 else min((epoch + 1) / warmup_epochs, 1.0)
+
+
 class MethodParams(StrictModel):
     """Base of every method's params model; subclasses narrow ``name`` to a Literal of their registered name."""
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveFloat
 from torch import Tensor
 
-from kdpipe.distill.methods.base import KDMethod, MethodParams
+from kdpipe.distill.methods.base import KDMethod, MethodParams, linear_ramp
 from kdpipe.registry import METHODS
 
 
@@ -75,8 +75,7 @@ class DKD(KDMethod):
     params: DKDParams
 
     def warmup_factor(self) -> float:
-        warmup = self.params.warmup_epochs
-        return 1.0 if warmup == 0 else min((self.epoch + 1) / warmup, 1.0)
+        return linear_ramp(self.epoch, self.params.warmup_epochs)
 
     def loss(self, student_out: Tensor, teacher_out: Tensor | None, targets: Tensor) -> dict[str, Tensor]:
         assert teacher_out is not None

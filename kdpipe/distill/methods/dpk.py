@@ -63,7 +63,7 @@ from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from kdpipe.distill.methods.base import KDMethod, MethodContext, MethodParams
+from kdpipe.distill.methods.base import KDMethod, MethodContext, MethodParams, linear_ramp
 from kdpipe.distill.methods.kd import kd_loss
 from kdpipe.distill.taps import ConvAdapter, TapError, Taps, TapSpec, pair_stages, resize_to, select_stages, stage_specs
 from kdpipe.registry import METHODS
@@ -348,8 +348,7 @@ class DPK(KDMethod):
         return (1.0 - self.cka_ema).clamp(self.params.min_ratio, self.params.max_ratio)
 
     def warmup_factor(self) -> float:
-        warmup = self.params.warmup_epochs
-        return 1.0 if warmup == 0 else min((self.epoch + 1) / warmup, 1.0)
+        return linear_ramp(self.epoch, self.params.warmup_epochs)
 
     def update_ratios(self, student_maps: list[Tensor], teacher_maps: list[Tensor]) -> Tensor:
         """Fold this batch's CKA per stage into the EMA (no grad, fp32); returns the batch CKAs (K,). A batch too small

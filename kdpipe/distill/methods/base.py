@@ -86,6 +86,8 @@ class KDMethod(nn.Module):
         super().__init__()
         if self.teacher_role == "frozen" and teacher is None:
             raise ValueError(f"method {params.name!r} needs a teacher")
+        if self.teacher_role == "joint" and teacher is None:
+            raise ValueError(f"method {params.name!r} trains the teacher stage's network jointly; it needs one")
         self.params = params
         self.student = student
         self.context = context
@@ -96,7 +98,10 @@ class KDMethod(nn.Module):
         # A plain attribute inside a tuple: not a registered submodule, so the teacher never enters
         # state_dict(), parameters() or the optimizer.
         self._teacher: tuple[nn.Module, ...] = ()
-        if teacher is not None:
+        if teacher is not None and self.teacher_role == "joint":
+            # A jointly trained teacher is a network like the student: registered, trained and checkpointed.
+            self.joint_teacher = teacher
+        elif teacher is not None:
             teacher.eval().requires_grad_(False)
             self._teacher = (teacher,)
         self.epoch = 0
@@ -106,6 +111,13 @@ class KDMethod(nn.Module):
     def check_pair(cls, params: MethodParams, student: str, teacher: str | None) -> None:
         """Refuse, before any work, a student/teacher pair this method cannot handle: raise ``ValueError`` with a
         message that says what to change. Called by the distill stage's preflight with the model names."""
+
+    def build_network(self, arch: str) -> nn.Module:
+        """A fresh ``arch`` (timm or kdpipe model name) sized for the run's data: extra networks of online methods."""
+        from kdpipe.models.factory import create_model
+
+        ctx = self.require_context()
+        return create_model(arch, num_classes=ctx.num_classes, in_chans=ctx.input_shape[0])
 
     def require_context(self) -> MethodContext:
         if self.context is None:

@@ -65,20 +65,11 @@ class DML(KDMethod):
         teacher: nn.Module | None = None,
         context: MethodContext | None = None,
     ) -> None:
-        super().__init__(params, student, None, context)
-        if teacher is None:
-            raise ValueError("dml trains the teacher stage's network with the student; it needs one")
-        self.peer_teacher = teacher
-        self.peers = nn.ModuleList()
-        if params.extra_peers:
-            from kdpipe.models.factory import create_model
-
-            ctx = self.require_context()
-            for arch in params.extra_peers:
-                self.peers.append(create_model(arch, num_classes=ctx.num_classes, in_chans=ctx.input_shape[0]))
+        super().__init__(params, student, teacher, context)
+        self.peers = nn.ModuleList(self.build_network(arch) for arch in params.extra_peers)
 
     def networks(self) -> dict[str, nn.Module]:
-        nets: dict[str, nn.Module] = {"teacher": self.peer_teacher, "student": self.student}
+        nets: dict[str, nn.Module] = {"teacher": self.joint_teacher, "student": self.student}
         nets.update({f"peer{i + 1}": peer for i, peer in enumerate(self.peers)})
         return nets
 

@@ -298,12 +298,8 @@ class FFSD(KDMethod):
         ctx = self.require_context()
         if not ctx.student_name:
             raise ValueError("ffsd builds its common students from the context's student_name, which is empty")
-        from kdpipe.models.factory import create_model
-
         m = params.num_students
-        self.students = nn.ModuleList(
-            create_model(ctx.student_name, num_classes=ctx.num_classes, in_chans=ctx.input_shape[0]) for _ in range(m)
-        )
+        self.students = nn.ModuleList(self.build_network(ctx.student_name) for _ in range(m))
         specs = select_stages(stage_specs(student), "stages")
         if len(specs) < 2:
             raise TapError(f"ffsd needs at least two stage taps for self-distillation; {ctx.student_name} has one")

@@ -200,18 +200,12 @@ class SwitOKD(KDMethod):
         teacher: nn.Module | None = None,
         context: MethodContext | None = None,
     ) -> None:
-        super().__init__(params, student, None, context)
-        if teacher is None:
-            raise ValueError("switokd trains the teacher stage's network with the student; it needs one")
-        self.joint_teacher = teacher
+        super().__init__(params, student, teacher, context)
         self.teacher2: nn.Module | None = None
         self.student2: nn.Module | None = None
         second = params.second_student or params.second_teacher
         if second is not None:
-            from kdpipe.models.factory import create_model
-
-            ctx = self.require_context()
-            net = create_model(second, num_classes=ctx.num_classes, in_chans=ctx.input_shape[0])
+            net = self.build_network(second)
             if params.second_student is not None:
                 self.student2 = net
             else:

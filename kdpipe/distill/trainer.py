@@ -152,7 +152,7 @@ class Trainer:
             if not method.own_optimizers():
                 raise TypeError(f"{type(method).__name__} optimizes manually but configure_optimizers made none")
         else:
-            self.optimizer = create_optimizer(self.method.optimized_parameters(), cfg, device)
+            self.optimizer = self._optimizer_factory(self.method.optimized_parameters())
 
     def _optimizer_factory(self, params: Any, lr: float | None = None, **overrides: Any) -> torch.optim.Optimizer:
         cfg = self.cfg.model_copy(update={"lr": self.cfg.lr if lr is None else lr, **overrides})
@@ -247,14 +247,11 @@ class Trainer:
         self.method.train()
         with _StopFlag() as stop:
             for epoch in range(start_epoch, cfg.epochs):
-                lr = cfg.lr * lr_factor(cfg, epoch)
                 factor = lr_factor(cfg, epoch)
-                for group in self.optimizer.param_groups if self.optimizer is not None else []:
-                    group["lr"] = cfg.lr * factor
-                for opt in self.method.own_optimizers().values():
-                    for group in opt.param_groups:
-                        if "base_lr" in group:
-                            group["lr"] = group["base_lr"] * factor
+                lr = cfg.lr * factor
+                optimizers = [self.optimizer, *self.method.own_optimizers().values()]
+                for group in (g for opt in optimizers if opt is not None for g in opt.param_groups if "base_lr" in g):
+                    group["lr"] = group["base_lr"] * factor  # groups without base_lr keep a fixed lr
                 self.method.lr = lr
                 self.method.on_epoch_start(epoch, cfg.epochs)
                 self.train_batches.set_epoch(epoch)

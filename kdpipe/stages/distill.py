@@ -10,8 +10,6 @@ import torch
 from pydantic import Field, field_validator
 
 from kdpipe.config import LoadedConfig, StageConfig, TrainConfig
-from kdpipe.data import BatchLoader
-from kdpipe.data.splits import derive_seed
 from kdpipe.distill.evaluate import evaluate
 from kdpipe.distill.methods import create_method, method_params_union
 from kdpipe.distill.methods.base import MethodContext
@@ -50,7 +48,7 @@ class DistillStage(Stage):
 
     @classmethod
     def requires(cls, config: Any) -> tuple[str, ...]:
-        return ("teacher",) if METHODS.get(config.method.name).teacher_role in ("frozen", "joint") else ()
+        return ("teacher",) if METHODS.get(config.method.name).teacher_role != "none" else ()
 
     @classmethod
     def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:
@@ -76,49 +74,7 @@ class DistillStage(Stage):
         except ValueError as exc:
             raise ConfigError(f"{where}: stages.{name}.method: {exc}") from None
 
-    def _method_context(self, student_name: str, teacher_name: str) -> MethodContext:
-        ctx = self.ctx
-        splits = ctx.data()
-
-        def train_eval_batches() -> Any:
-            loader = BatchLoader(
-                splits.train, batch_size=256, train=False, mean=splits.mean, std=splits.std, device=ctx.device
-            )
-            return iter(loader)
-
-        val_loader: BatchLoader | None = None
-        if splits.val is not None and len(splits.val) > 0:
-            val_loader = BatchLoader(
-                splits.val,
-                batch_size=self.config.train.batch_size,
-                train=True,
-                augment="none",
-                seed=derive_seed(ctx.seed, "meta-val"),
-                mean=splits.mean,
-                std=splits.std,
-                device=ctx.device,
-                drop_last=False,
-            )
-
-        def val_batch(k: int) -> Any:
-            if val_loader is None:
-                raise ConfigError("this method needs a validation split; set data.val_fraction > 0")
-            epoch, step = divmod(k, len(val_loader))
-            return val_loader.batch(epoch, step)
-
-        return MethodContext(
-            input_shape=(splits.in_chans, splits.image_size, splits.image_size),
-            num_classes=splits.num_classes,
-            device=ctx.device,
-            train_eval_batches=train_eval_batches,
-            val_batch=val_batch,
-            student_name=student_name,
-            teacher_name=teacher_name,
-        )
-
-    def _networks(
-        self, method: Any, artifacts: dict[str, str], student_arch: str, teacher_arch: str
-    ) -> dict[str, dict[str, Any]]:
+    def _networks(self, method: Any, artifacts: dict[str, str], deployed_test: Any) -> dict[str, dict[str, Any]]:
         """Test metrics of every network an online method trained, and a weight file for each one not deployed
         (``networks/<name>.safetensors``). Empty for methods that train only the student."""
         nets = method.networks()
@@ -128,10 +84,11 @@ class DistillStage(Stage):
         splits = ctx.data()
         out: dict[str, dict[str, Any]] = {}
         for name, net in nets.items():
-            test = evaluate(net, test_loader(ctx), splits.num_classes)
-            arch = method.network_arch(name) or (teacher_arch if name == "teacher" else student_arch)
+            deployed = name == method.deployed_network
+            test = deployed_test if deployed else evaluate(net, test_loader(ctx), splits.num_classes)
+            arch = method.network_arch(name)
             entry: dict[str, Any] = {"model": arch, "top1": test.top1, "top5": test.top5, "params": count_params(net)}
-            if name == method.deployed_network:
+            if deployed:
                 entry["deployed"] = True
             else:
                 (ctx.dir / "networks").mkdir(exist_ok=True)
@@ -147,7 +104,7 @@ class DistillStage(Stage):
         method_cls = METHODS.get(cfg.method.name)
         teacher = None
         teacher_info: dict[str, Any] = {}
-        if method_cls.teacher_role in ("frozen", "joint"):
+        if method_cls.teacher_role != "none":
             record = ctx.require("teacher")
             teacher = load_stage_model(record, splits, ctx.device)
             teacher_info = {"teacher_stage": record.name, "teacher_model": record.result["info"]["model_name"]}
@@ -156,14 +113,21 @@ class DistillStage(Stage):
         torch.manual_seed(ctx.seed)
         student = build_model(cfg.student, splits)
         info: dict[str, Any] = {**model_facts(student, cfg.student), **teacher_info, "method": cfg.method.name}
-        context = self._method_context(cfg.student, teacher_info.get("teacher_model", ""))
+        context = MethodContext.from_splits(
+            splits,
+            batch_size=cfg.train.batch_size,
+            seed=ctx.seed,
+            device=ctx.device,
+            student_name=cfg.student,
+            teacher_name=teacher_info.get("teacher_model", ""),
+        )
         method = create_method(cfg.method, student, teacher, context)
         label = f"{ctx.name} ({cfg.method.name}: {cfg.student})"
         result = train_method(ctx, method, cfg.train, cfg.precision, label)
         deployable = method.deployable()
         test = evaluate(deployable, test_loader(ctx), splits.num_classes)
         artifacts = {"model": save_stage_model(ctx, deployable, cfg.student, role="student")}
-        networks = self._networks(method, artifacts, cfg.student, teacher_info.get("teacher_model", ""))
+        networks = self._networks(method, artifacts, test)
         metrics: dict[str, Any] = {
             "top1": test.top1,
             "top5": test.top5,

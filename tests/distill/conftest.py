@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 
 import kdpipe  # noqa: F401  (registers the CIFAR nets with timm)
 from kdpipe.config import DataConfig, TrainConfig
-from kdpipe.data import BatchLoader, Splits, create_splits, derive_seed
+from kdpipe.data import BatchLoader, Splits, create_splits
 from kdpipe.distill.evaluate import evaluate
 from kdpipe.distill.methods import KDMethod, MethodContext, MethodParams, create_method
 from kdpipe.distill.methods.ce import CEParams
@@ -72,32 +71,9 @@ def loaders(splits: Splits, batch_size: int, seed: int = 0) -> tuple[BatchLoader
 
 
 def method_context(splits: Splits, batch_size: int = 64, seed: int = 0) -> MethodContext:
-    """What the distill stage gives a method, built the same way for a test."""
-    val = BatchLoader(
-        splits.val,
-        batch_size=batch_size,
-        train=True,
-        augment="none",
-        seed=derive_seed(seed, "meta-val"),
-        mean=splits.mean,
-        std=splits.std,
-        drop_last=False,
-    )
-
-    def train_eval() -> Any:
-        return iter(BatchLoader(splits.train, batch_size=256, train=False, mean=splits.mean, std=splits.std))
-
-    def val_batch(k: int) -> Any:
-        epoch, step = divmod(k, len(val))
-        return val.batch(epoch, step)
-
-    return MethodContext(
-        input_shape=(1, 16, 16),
-        num_classes=10,
-        train_eval_batches=train_eval,
-        val_batch=val_batch,
-        student_name=STUDENT_ARCH,
-        teacher_name=TEACHER_ARCH,
+    """What the distill stage gives a method, built by the same code."""
+    return MethodContext.from_splits(
+        splits, batch_size=batch_size, seed=seed, student_name=STUDENT_ARCH, teacher_name=TEACHER_ARCH
     )
 
 

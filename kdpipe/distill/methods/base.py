@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Literal, Union
+from functools import partial
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 
 import torch
 from pydantic import Field
@@ -12,6 +13,9 @@ from torch import Tensor, nn
 
 from kdpipe.config import StrictModel
 from kdpipe.registry import METHODS
+
+if TYPE_CHECKING:
+    from kdpipe.data import Splits
 
 TeacherRole = Literal["frozen", "joint", "none"]
 """What a method needs from the teacher stage: a trained teacher it keeps frozen ("frozen": kd, dkd, ...), a network
@@ -45,6 +49,49 @@ class MethodContext:
     val_batch: Callable[[int], Batch] | None = None
     student_name: str = ""
     teacher_name: str = ""
+
+    @classmethod
+    def from_splits(
+        cls,
+        splits: Splits,
+        *,
+        batch_size: int,
+        seed: int,
+        device: torch.device | str = "cpu",
+        student_name: str = "",
+        teacher_name: str = "",
+    ) -> MethodContext:
+        """The context the distill stage gives a method: ``val_batch`` draws ``batch_size`` validation images in
+        an order fixed by ``seed`` (reshuffled every pass), ``train_eval_batches`` runs over the train split."""
+        from kdpipe.data import BatchLoader, derive_seed
+
+        device = torch.device(device)
+        loader = partial(BatchLoader, mean=splits.mean, std=splits.std, device=device)
+
+        def train_eval_batches() -> Iterator[Batch]:
+            return iter(loader(splits.train, batch_size=256, train=False))
+
+        val = splits.val if splits.val is not None and len(splits.val) > 0 else None
+        val_loader = None
+        if val is not None:
+            seed_val = derive_seed(seed, "meta-val")
+            val_loader = loader(val, batch_size=batch_size, train=True, augment="none", seed=seed_val, drop_last=False)
+
+        def val_batch(k: int) -> Batch:
+            if val_loader is None:
+                raise ValueError("this method needs a validation split; set data.val_fraction > 0")
+            epoch, step = divmod(k, len(val_loader))
+            return val_loader.batch(epoch, step)
+
+        return cls(
+            input_shape=(splits.in_chans, splits.image_size, splits.image_size),
+            num_classes=splits.num_classes,
+            device=device,
+            train_eval_batches=train_eval_batches,
+            val_batch=val_batch,
+            student_name=student_name,
+            teacher_name=teacher_name,
+        )
 
 
 def linear_ramp(epoch: int, warmup_epochs: int) -> float:

@@ -59,6 +59,34 @@ def test_int8_keeps_top1_within_two_points_and_is_qdq(digits: Digits, fp32_onnx:
     assert create_onnx_session(int8_onnx, threads=1).get_inputs()[0].shape[0] == "batch"
 
 
+def test_single_channel_stem_reads_a_zero_padded_input_with_the_same_result(
+    digits: Digits, fp32_onnx: Path, int8_onnx: Path
+) -> None:
+    import onnx
+
+    padded = onnx.load(str(int8_onnx))
+    (pad,) = [n for n in padded.graph.node if n.op_type == "Pad"]
+    assert pad.name == "kdpipe_stem_channel_pad" and pad.input[0].startswith("input")
+    assert json.loads(read_metadata(int8_onnx)["kdpipe.quantization"])["stem_channel_pad"] == 4
+
+    plain = quantize_int8(
+        fp32_onnx, fp32_onnx.with_name("digits.int8-plain.onnx"), digits.train_images[:256], pad_stem_channels=None
+    )
+    assert not [n for n in onnx.load(str(plain)).graph.node if n.op_type == "Pad"]
+    assert "stem_channel_pad" not in json.loads(read_metadata(plain)["kdpipe.quantization"])
+    # Same calibration, same ranges: the zero channels change nothing but the kernel onnxruntime picks.
+    images = digits.val_images.numpy()
+    a = create_onnx_runner(int8_onnx, threads=1)(images)
+    b = create_onnx_runner(plain, threads=1)(images)
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.99
+    assert abs(a - b).max() < 0.05 * abs(b).max()
+    # TensorRT's symmetric int8 graph is left as exported.
+    trt = quantize_int8(
+        fp32_onnx, fp32_onnx.with_name("digits.int8-trt.onnx"), digits.train_images[:64], activation_type="int8"
+    )
+    assert not [n for n in onnx.load(str(trt)).graph.node if n.op_type == "Pad"]
+
+
 def test_fp16_keeps_float32_io_and_agrees(digits: Digits, fp32_onnx: Path) -> None:
     path = convert_fp16(fp32_onnx, fp32_onnx.with_name("digits.fp16.onnx"))
     session = create_onnx_session(path, threads=1)

@@ -28,7 +28,9 @@ Single-channel stems. onnxruntime's QLinearConv is slow on a 1-channel input: re
 0.68 ms of the int8 model's 2.1 ms at batch 64 (fp32 NCHWc: under 0.1 ms), and it barely uses the second thread.
 For ``activation_type="uint8"`` the stem is therefore fed a zero-padded 4-channel input (a ``Pad`` on the channel
 axis, the extra weight channels zero, so the result is unchanged): the stem then took 0.22 ms, and the whole model
-went from 0.84 to 0.73 of fp32's p50 (median of 7 alternating rounds, 2 threads, a busy machine). It is applied only
+went from 0.84 to 0.73 of fp32's p50 (median of 7 alternating rounds, 2 threads, a busy machine); in
+``benchmarks/export_latency.py`` (11 rounds) the int8/fp32 ratio moved from 0.744 to 0.727: the padded input
+costs a Transpose into NHWC that the 1-channel one did not need. It is applied only
 where measured: a graph input of one channel feeding a group-1 Conv. ``pad_stem_channels=None`` turns it off.
 
 So the default is QUInt8 (asymmetric) activations, for onnxruntime's CPU EP. TensorRT accepts only symmetric

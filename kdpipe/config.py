@@ -86,6 +86,20 @@ class ScheduleConfig(StrictModel):
     """Linear warm-up from lr/10 over this many epochs."""
 
 
+class PerformanceConfig(StrictModel):
+    """Speed settings of the training loop. The defaults are fast and change results no more than run-to-run noise;
+    ``precision`` (a stage field) is the other half."""
+
+    channels_last: bool | None = None
+    """Keep conv weights and inputs in NHWC (tensor-core friendly). Default: on for CUDA, off on CPU."""
+    fused_optimizer: bool | None = None
+    """PyTorch's fused SGD/AdamW kernels. Default: fused on CUDA, multi-tensor (foreach) elsewhere."""
+    compile: bool = False
+    """torch.compile every trained network and the frozen teacher (the first steps pay the compile time)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """torch.compile mode; reduce-overhead captures CUDA graphs (static shapes: the train loader's full batches)."""
+
+
 class TrainConfig(StrictModel):
     """Optimisation settings shared by teacher training and distillation."""
 
@@ -100,6 +114,7 @@ class TrainConfig(StrictModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     eval_every: PositiveInt = 1
     """Evaluate on the val split (test when val_fraction is 0) every this many epochs, and after the last."""
+    performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

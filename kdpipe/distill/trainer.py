@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import signal
 import threading
 import time
@@ -27,7 +28,7 @@ from torch import Tensor
 from kdpipe.config import TrainConfig
 from kdpipe.distill.evaluate import EvalResult, evaluate
 from kdpipe.distill.methods.base import KDMethod
-from kdpipe.errors import DataError, Interrupted
+from kdpipe.errors import ConfigError, DataError, Interrupted
 from kdpipe.fileio import atomic_write_with
 from kdpipe.progress import NullProgress, Progress
 
@@ -75,12 +76,32 @@ def lr_factor(cfg: TrainConfig, epoch: int) -> float:
 
 
 def create_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    # foreach kernels are the fast path on CPU and GPU alike and do the same math.
+    """SGD or AdamW from ``cfg``: PyTorch's fused kernels on CUDA (one launch for all parameters), multi-tensor
+    ``foreach`` kernels elsewhere, unless ``cfg.performance.fused_optimizer`` says otherwise; the math is the same."""
+    fused = cfg.performance.fused_optimizer
+    if fused is None:
+        fused = device.type == "cuda"
+    kernels: dict[str, bool] = {"fused": True} if fused else {"foreach": True}
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, foreach=True
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, **kernels
         )
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kernels)
+
+
+def compile_networks(method: KDMethod, mode: str, device: torch.device) -> None:
+    """``torch.compile`` (in place, so state_dict keys do not change) every network ``method`` trains and its frozen
+    teacher. On CPU, inductor generates C++: a machine without a compiler is refused here with the fix."""
+    if device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        raise ConfigError(
+            "train.performance.compile needs a C++ compiler on CPU (torch inductor), and none is installed",
+            hint="install g++ (apt-get install g++) or set train.performance.compile: false",
+        )
+    modules = list(method.networks().values())
+    if method.teacher is not None and method.teacher_role == "frozen":
+        modules.append(method.teacher)
+    for module in modules:
+        module.compile(mode=mode)
 
 
 class _StopFlag:
@@ -145,6 +166,12 @@ class Trainer:
             log.debug("precision %s is for GPUs; training in fp32 on %s", precision, device.type)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        perf = cfg.performance
+        self.channels_last = perf.channels_last if perf.channels_last is not None else device.type == "cuda"
+        if self.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        if perf.compile:
+            compile_networks(self.method, perf.compile_mode, device)
         self.optimizer: torch.optim.Optimizer | None = None
         if method.manual_optimization:
             method._scaler = self.scaler
@@ -222,6 +249,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _step(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             out = self.method.training_step(images, targets)
         loss = out["loss"]

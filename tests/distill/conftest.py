@@ -78,11 +78,25 @@ def method_context(splits: Splits, batch_size: int = 64, seed: int = 0) -> Metho
 
 
 def fit(
-    method: KDMethod, splits: Splits, work: Path, *, epochs: int, batch_size: int = 64, lr: float = 0.05, seed: int = 0
+    method: KDMethod,
+    splits: Splits,
+    work: Path,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 0.05,
+    seed: int = 0,
+    performance: dict[str, object] | None = None,
 ) -> TrainResult:
     train, test = loaders(splits, batch_size, seed)
     cfg = TrainConfig.model_validate(
-        {"epochs": epochs, "batch_size": batch_size, "lr": lr, "schedule": {"name": "cosine"}}
+        {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "schedule": {"name": "cosine"},
+            "performance": performance or {},
+        }
     )
     trainer = Trainer(
         method,

@@ -103,10 +103,33 @@ def run(
     config: Path, out: Path | None, from_stage: str | None, only: str | None, force: bool, overrides: tuple[str, ...]
 ) -> None:
     """Run the pipeline in CONFIG, skipping stages that are up to date."""
-    from kdpipe.pipeline.runner import Runner, StageOutcome, default_run_dir
+    from kdpipe import distributed
+    from kdpipe.pipeline.runner import Runner, default_run_dir
 
     loaded = _load(config, overrides)
     run_dir = out or default_run_dir(loaded)
+    world = distributed.init_from_env(loaded.config.device)  # under torchrun: join the group; else a no-op
+    try:
+        if not world.is_main:  # rank 0 reports; the others train their shards quietly
+            Runner(loaded, run_dir, force=force, from_stage=from_stage, only=only).run()
+            return
+        _run_main(loaded, config, out, run_dir, from_stage, only, force, overrides)
+    finally:
+        distributed.shutdown()
+
+
+def _run_main(
+    loaded: Any,
+    config: Path,
+    out: Path | None,
+    run_dir: Path,
+    from_stage: str | None,
+    only: str | None,
+    force: bool,
+    overrides: tuple[str, ...],
+) -> None:
+    from kdpipe.pipeline.runner import Runner, StageOutcome
+
     resume = ["kdpipe", "run", str(config), *(["--out", str(out)] if out else []), *(f"--set={s}" for s in overrides)]
 
     def on_stage(o: StageOutcome) -> None:

@@ -8,6 +8,10 @@ Reproducibility contract (the trainer resumes mid-epoch after SIGTERM and must m
   is bitwise reproducible; a GPU draws its own (equally reproducible) stream, so CPU and GPU crops differ.
 
 The split is moved to ``device`` once, in ``__init__``; a step only gathers, augments and normalises on the device.
+Data parallel (``rank``/``world_size``, see ``kdpipe.distributed``): a train loader still walks the global batches
+of ``batch_size``; each is augmented whole with its own seed, then split into ``world_size`` contiguous shards and
+this rank keeps shard ``rank``. N processes together see exactly the samples and crops one process sees.
+
 Eval loaders (``train=False``) never shuffle or augment and keep the last partial batch. Train loaders keep the last
 partial batch too, unless it holds a single sample: BatchNorm cannot compute batch statistics from one sample and
 raises in train mode, and dropping one sample per epoch costs nothing.
@@ -48,8 +52,9 @@ class BatchLoader:
         augment: "cifar" | "imagenet" | "none" (train loaders only).
         seed: run seed; with the epoch it fixes the order and the augmentation.
         device: where the split is kept and batches are produced.
-        drop_last: None (default) drops the last partial batch only for train loaders and only if it has one sample;
-            True / False force dropping / keeping any partial batch.
+        drop_last: None (default) drops the last partial batch only for train loaders and only if it has one sample
+            (under data parallelism: if some rank would get fewer than two); True / False force it either way.
+        rank, world_size: this process's shard of every train batch (eval loaders are never sharded).
     """
 
     def __init__(
@@ -64,9 +69,20 @@ class BatchLoader:
         seed: int = 0,
         device: torch.device | str = "cpu",
         drop_last: bool | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.rank, self.world_size = (rank, world_size) if train else (0, 1)
+        if batch_size < 2 * self.world_size and self.world_size > 1:
+            raise DataError(
+                f"batch_size {batch_size} cannot be split over {self.world_size} processes with at least 2 samples "
+                "each (BatchNorm needs 2)",
+                hint=f"set train.batch_size to at least {2 * self.world_size} (it is the global batch)",
+            )
         channels = split.images.shape[1]
         if len(mean) != channels or len(std) != channels:
             raise ValueError(f"mean/std have {len(mean)}/{len(std)} values for {channels}-channel images")
@@ -85,7 +101,7 @@ class BatchLoader:
         n = len(split)
         remainder = n % batch_size
         if drop_last is None:
-            drop_last = train and remainder == 1
+            drop_last = train and 0 < remainder < 2 * self.world_size
         self.drop_last = drop_last
         self._num_batches = n // batch_size + (1 if remainder and not drop_last else 0)
         if train and self._num_batches == 0:
@@ -136,7 +152,11 @@ class BatchLoader:
             if self.augment != "none":
                 generator = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, "augment", epoch, k))
                 images = augment_batch(images, self.augment, generator)
-            yield self._normalize(images), self.labels[index]
+            labels = self.labels[index]
+            if self.world_size > 1:
+                images = images.tensor_split(self.world_size)[self.rank]
+                labels = labels.tensor_split(self.world_size)[self.rank]
+            yield self._normalize(images), labels
 
     def __iter__(self) -> Iterator[Batch]:
         return self.iter_from(0)
@@ -150,5 +170,6 @@ class BatchLoader:
     def __repr__(self) -> str:
         return (
             f"BatchLoader(samples={self.num_samples}, batch_size={self.batch_size}, batches={len(self)}, "
-            f"train={self.train}, augment={self.augment!r}, seed={self.seed}, epoch={self.epoch}, device={self.device})"
+            f"train={self.train}, augment={self.augment!r}, seed={self.seed}, epoch={self.epoch}, "
+            f"device={self.device}, rank={self.rank}/{self.world_size})"
         )

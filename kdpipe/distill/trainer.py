@@ -25,6 +25,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
+from kdpipe import distributed
 from kdpipe.config import TrainConfig
 from kdpipe.distill.evaluate import EvalResult, evaluate
 from kdpipe.distill.methods.base import KDMethod
@@ -81,12 +82,34 @@ def create_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device:
     fused = cfg.performance.fused_optimizer
     if fused is None:
         fused = device.type == "cuda"
-    kernels: dict[str, bool] = {"fused": True} if fused else {"foreach": True}
+    foreach = None if fused else True
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, **kernels
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+            foreach=foreach,
+            fused=fused or None,
         )
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kernels)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach, fused=fused or None)
+
+
+def _reduce_epoch_sums(
+    sums: dict[str, float], counts: dict[str, int], correct: int, seen: int
+) -> tuple[dict[str, float], dict[str, int], int, int]:
+    """The epoch's per-key sums and counts, and top-1 hits, added up over ranks (one all_reduce)."""
+    keys = sorted(sums)
+    local = torch.tensor([*(sums[k] for k in keys), *(counts[k] for k in keys), correct, seen], dtype=torch.float64)
+    total = distributed.all_reduce_sum(local).tolist()
+    n = len(keys)
+    return (
+        dict(zip(keys, total[:n], strict=True)),
+        {k: int(v) for k, v in zip(keys, total[n : 2 * n], strict=True)},
+        int(total[2 * n]),
+        int(total[2 * n + 1]),
+    )
 
 
 def compile_networks(method: KDMethod, mode: str, device: torch.device) -> None:
@@ -172,6 +195,8 @@ class Trainer:
             self.method.to(memory_format=torch.channels_last)
         if perf.compile:
             compile_networks(self.method, perf.compile_mode, device)
+        self.world = distributed.world()
+        distributed.broadcast_state(self.method)  # every rank starts from rank 0's weights
         self.optimizer: torch.optim.Optimizer | None = None
         if method.manual_optimization:
             method._scaler = self.scaler
@@ -191,6 +216,8 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
     def _save(self, epoch: int, step: int, result: TrainResult) -> None:
+        if not self.world.is_main:  # rank 0 writes; under data parallelism every rank holds the same state
+            return
         state = {
             "format": CHECKPOINT_FORMAT,
             "fingerprint": self.fingerprint,
@@ -261,6 +288,7 @@ class Trainer:
             return out
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        distributed.average_gradients(p for g in self.optimizer.param_groups for p in g["params"])
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return out
@@ -304,6 +332,8 @@ class Trainer:
                         task.advance(1, loss=float(out["loss"].detach()))
                         if self.stop_after_steps is not None and steps_done >= self.stop_after_steps:
                             stop.signum = signal.SIGTERM
+                        if self.world.enabled and distributed.any_rank(stop.signum is not None):
+                            stop.signum = stop.signum or signal.SIGTERM  # every rank stops at the same step
                         if stop.signum is not None:
                             self._save(epoch, step + 1, result)
                             raise Interrupted(
@@ -313,6 +343,9 @@ class Trainer:
                             )
                 finally:
                     task.close()
+                if self.world.enabled:
+                    sums, counts, correct, seen = _reduce_epoch_sums(sums, counts, correct, seen)
+                    distributed.broadcast_state(self.method)  # BatchNorm statistics saw only this rank's shards
                 row: dict[str, float] = {"epoch": epoch + 1, "lr": lr}
                 row.update({f"train_{k}": v / max(counts[k], 1) for k, v in sums.items()})
                 row["train_top1"] = correct / max(seen, 1)

@@ -27,6 +27,7 @@ import torch
 import yaml
 
 import kdpipe
+from kdpipe import distributed
 from kdpipe.config import LoadedConfig
 from kdpipe.data import Splits, create_splits, resolve_root
 from kdpipe.errors import ConfigError, DataError, GateFailed, KdpipeError, StageError
@@ -63,7 +64,10 @@ def default_run_dir(loaded: LoadedConfig) -> Path:
     return Path("runs") / loaded.config.name
 
 
-def resolve_device(setting: str) -> torch.device:
+def resolve_device(setting: str, local_rank: int | None = None) -> torch.device:
+    """The run's device; under torchrun (``local_rank`` given) CUDA means this process's own GPU."""
+    if local_rank is not None and setting in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -169,7 +173,8 @@ class Runner:
         for flag, value in (("--from", from_stage), ("--only", only)):
             if value is not None and value not in names:
                 raise ConfigError(f"{flag} {value}: no such stage{suggest(value, names)}; stages: {', '.join(names)}")
-        self.device = resolve_device(loaded.config.device)
+        self.world = distributed.world()
+        self.device = resolve_device(loaded.config.device, self.world.local_rank if self.world.enabled else None)
 
     def _data(self) -> Splits:
         if self._splits is None:
@@ -219,6 +224,8 @@ class Runner:
         return set(next(n.upstream for n in self.nodes if n.name == self.only))
 
     def run(self) -> RunSummary:
+        if not self.world.is_main:
+            return self._run_worker()
         t_start = time.perf_counter()
         outcomes: list[StageOutcome] = []
         with self.run_dir as rd:
@@ -226,7 +233,9 @@ class Runner:
             actions = self.plan(lock)
             if "run" in actions.values():
                 self._data()  # a data problem must surface before anything in the run directory changes
+            distributed.broadcast_object((actions, self._fingerprints))  # torchrun: the other ranks follow rank 0
             env = environment(self.device)
+            env["world_size"] = self.world.size
             self._write_run_files(env)
             records: dict[str, StageRecord] = {}
             rd.event(None, "run_start", config=str(self.loaded.path), argv=sys.argv, plan=actions)
@@ -244,9 +253,58 @@ class Runner:
                         self._report(outcome, outcomes)
                     continue
                 outcome = self._run_stage(node, fp, stage_dir, records, env, lock)
+                distributed.barrier()  # the other ranks trained with this stage or waited for it
                 self._report(outcome, outcomes)
             rd.event(None, "run_end", seconds=time.perf_counter() - t_start)
         return RunSummary(rd.root, outcomes, time.perf_counter() - t_start)
+
+    def _run_worker(self) -> RunSummary:
+        """A rank other than 0 of a torchrun job: follow rank 0's plan, train the data-parallel stages' shards
+        (their writes are rank 0's), and wait at each stage rank 0 runs; nothing in the run directory is touched."""
+        t_start = time.perf_counter()
+        actions, fps = distributed.broadcast_object(None)
+        records: dict[str, StageRecord] = {}
+        outcomes: list[StageOutcome] = []
+        for node in self.nodes:
+            fp = fps[node.name]
+            stage_dir = self.run_dir.stage_dir(node.name)
+            if actions[node.name] == "run":
+                if node.stage_cls.data_parallel:
+                    ctx = self._context(node, fp, stage_dir, records, {}, lambda *a, **k: None, is_main=False)
+                    node.stage_cls(ctx).run()
+                distributed.barrier()
+                outcomes.append(StageOutcome(node.name, node.type, "ran"))
+            if (stage_dir / RESULT_FILE).exists():
+                records[node.name] = self._record(node, stage_dir)
+        return RunSummary(self.run_dir.root, outcomes, time.perf_counter() - t_start)
+
+    def _context(
+        self,
+        node: Node,
+        fp: str,
+        stage_dir: Path,
+        records: dict[str, StageRecord],
+        env: dict[str, Any],
+        event: Callable[..., None],
+        *,
+        is_main: bool = True,
+    ) -> StageContext:
+        return StageContext(
+            name=node.name,
+            dir=stage_dir,
+            config=node.config,
+            loaded=self.loaded,
+            fingerprint=fp,
+            device=self.device,
+            upstream=[records[u] for u in node.upstream if u in records],
+            needs=node.needs,
+            data_provider=self._data,
+            event=event,
+            progress=self.progress if is_main else NullProgress(),
+            environment=env,
+            options=self.options,
+            is_main=is_main,
+        )
 
     def _report(self, outcome: StageOutcome, outcomes: list[StageOutcome]) -> None:
         outcomes.append(outcome)
@@ -276,21 +334,7 @@ class Runner:
         # Without result.json the stage's recorded outputs no longer match, so a run that dies half-way through
         # this stage can never leave it looking up to date.
         (stage_dir / RESULT_FILE).unlink(missing_ok=True)
-        ctx = StageContext(
-            name=node.name,
-            dir=stage_dir,
-            config=node.config,
-            loaded=self.loaded,
-            fingerprint=fp,
-            device=self.device,
-            upstream=[records[u] for u in node.upstream if u in records],
-            needs=node.needs,
-            data_provider=self._data,
-            event=lambda event, **kw: rd.event(node.name, event, **kw),
-            progress=self.progress,
-            environment=env,
-            options=self.options,
-        )
+        ctx = self._context(node, fp, stage_dir, records, env, lambda event, **kw: rd.event(node.name, event, **kw))
         rd.event(node.name, "stage_start", fingerprint=fp, type=node.type)
         t0 = time.perf_counter()
         try:

@@ -71,6 +71,8 @@ class StageContext:
     environment: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     """Engine options stages may honour (e.g. ``stop_after_steps`` for interruption tests)."""
+    is_main: bool = True
+    """False on the other ranks of a torchrun job: the stage computes (trains its shard) but writes nothing."""
 
     @property
     def pipeline(self) -> Any:
@@ -108,6 +110,8 @@ class Stage:
 
     Config: ClassVar[type[StageConfig]]
     provides: ClassVar[frozenset[str]] = frozenset()
+    data_parallel: ClassVar[bool] = False
+    """Under torchrun, every rank runs this stage (training); other stages run on rank 0 alone."""
 
     @classmethod
     def requires(cls, config: Any) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdpipe import distributed
 from kdpipe.config import TrainConfig
 from kdpipe.data import BatchLoader, Splits, TensorSplit
 from kdpipe.distill.methods.base import KDMethod
@@ -35,8 +36,12 @@ def load_stage_model(record: StageRecord, splits: Splits, device: torch.device) 
 
 
 def save_stage_model(ctx: StageContext, model: nn.Module, model_name: str, role: str, file: str = MODEL_FILE) -> str:
-    """Save weights as safetensors with the facts to rebuild and trace them; returns the artifact path."""
+    """Save weights as safetensors with the facts to rebuild and trace them; returns the artifact path (rank 0
+    of a torchrun job writes it; the other ranks hold the same weights and only return the path)."""
+    if not ctx.is_main:
+        return file
     splits = ctx.data()
+    (ctx.dir / file).parent.mkdir(parents=True, exist_ok=True)
     save_weights(
         model,
         ctx.dir / file,
@@ -64,8 +69,10 @@ def eval_split(splits: Splits) -> TensorSplit:
 
 
 def create_loaders(ctx: StageContext, train: TrainConfig) -> tuple[BatchLoader, BatchLoader]:
+    """The train loader (this rank's shard of every global batch under torchrun) and the eval loader (whole)."""
     splits = ctx.data()
     data_cfg = ctx.pipeline.data
+    world = distributed.world()
     train_loader = BatchLoader(
         splits.train,
         batch_size=train.batch_size,
@@ -75,6 +82,8 @@ def create_loaders(ctx: StageContext, train: TrainConfig) -> tuple[BatchLoader, 
         mean=splits.mean,
         std=splits.std,
         device=ctx.device,
+        rank=world.rank,
+        world_size=world.size,
     )
     eval_loader = BatchLoader(
         eval_split(splits),

@@ -44,6 +44,7 @@ class DistillConfig(StageConfig):
 class DistillStage(Stage):
     Config = DistillConfig
     provides = frozenset({"student", "model"})
+    data_parallel = True
     config: DistillConfig
 
     @classmethod
@@ -91,7 +92,6 @@ class DistillStage(Stage):
             if deployed:
                 entry["deployed"] = True
             else:
-                (ctx.dir / "networks").mkdir(exist_ok=True)
                 file = f"networks/{name}.safetensors"
                 role = f"online network {name}"
                 artifacts[f"network_{name}"] = save_stage_model(ctx, net, arch, role=role, file=file)

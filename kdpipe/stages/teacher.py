@@ -69,6 +69,7 @@ class TeacherConfig(StageConfig):
 class TeacherStage(Stage):
     Config = TeacherConfig
     provides = frozenset({"teacher", "model"})
+    data_parallel = True
     config: TeacherConfig
 
     @classmethod

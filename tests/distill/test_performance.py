@@ -43,7 +43,9 @@ def test_channels_last_trains_nhwc_weights_to_the_same_accuracy(digits: DigitsRu
 def test_fused_optimizer_kernels_are_used_when_asked() -> None:
     params = [torch.nn.Parameter(torch.randn(4, 4))]
     for optimizer in ("sgd", "adamw"):
-        cfg = TrainConfig.model_validate({"epochs": 1, "optimizer": optimizer, "performance": {"fused_optimizer": True}})
+        cfg = TrainConfig.model_validate(
+            {"epochs": 1, "optimizer": optimizer, "performance": {"fused_optimizer": True}}
+        )
         assert create_optimizer(params, cfg, torch.device("cpu")).defaults["fused"] is True
         default = TrainConfig.model_validate({"epochs": 1, "optimizer": optimizer})
         opt = create_optimizer(params, default, torch.device("cpu"))
@@ -51,8 +53,8 @@ def test_fused_optimizer_kernels_are_used_when_asked() -> None:
 
 
 def test_fused_sgd_matches_foreach_on_digits(digits: DigitsRun, tmp_path: Path) -> None:
-    plain, plain_top1, plain_loss = _kd_run(digits, tmp_path / "foreach", fused_optimizer=False)
-    fused, fused_top1, fused_loss = _kd_run(digits, tmp_path / "fused", fused_optimizer=True)
+    _, plain_top1, plain_loss = _kd_run(digits, tmp_path / "foreach", fused_optimizer=False)
+    _, fused_top1, fused_loss = _kd_run(digits, tmp_path / "fused", fused_optimizer=True)
     assert fused_loss == pytest.approx(plain_loss, rel=1e-4)
     assert abs(fused_top1 - plain_top1) <= 0.02
 

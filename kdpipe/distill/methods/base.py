@@ -11,6 +11,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from kdpipe import distributed
 from kdpipe.config import StrictModel
 from kdpipe.registry import METHODS
 
@@ -220,13 +221,17 @@ class KDMethod(nn.Module):
         return ctx.teacher_name if name == "teacher" else ctx.student_name
 
     def backward_step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """Backpropagate ``loss`` and step ``optimizer`` (with the trainer's fp16 loss scaling when it has one)."""
+        """Backpropagate ``loss`` and step ``optimizer`` (with the trainer's fp16 loss scaling when it has one); under
+        data parallelism the gradients are averaged over ranks first."""
         optimizer.zero_grad(set_to_none=True)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         if self._scaler is not None and self._scaler.is_enabled():
             self._scaler.scale(loss).backward()
+            distributed.average_gradients(params)
             self._scaler.step(optimizer)
         else:
             loss.backward()
+            distributed.average_gradients(params)
             optimizer.step()
 
     def epoch_metrics(self) -> dict[str, float]:

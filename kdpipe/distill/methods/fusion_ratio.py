@@ -43,6 +43,7 @@ from pydantic import Field, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from kdpipe import distributed
 from kdpipe.distill.methods.base import KDMethod, MethodContext, MethodParams
 from kdpipe.registry import METHODS
 
@@ -239,6 +240,7 @@ class FusionRatioKD(KDMethod):
         outer, grads = self.hypergradient(images, targets, teacher_logits, val_images, val_targets)
         for w, g in zip(self.controller.parameters(), grads, strict=True):
             w.grad = g.detach()
+        distributed.average_gradients(self.controller.parameters())  # data parallel: the mean over ranks' shards
         self._controller_opt.step()
         self.meta_steps += 1
         return outer

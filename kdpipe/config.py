@@ -98,6 +98,9 @@ class PerformanceConfig(StrictModel):
     """torch.compile every trained network and the frozen teacher (the first steps pay the compile time)."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     """torch.compile mode; reduce-overhead captures CUDA graphs (static shapes: the train loader's full batches)."""
+    sync_bn: bool = False
+    """Under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm), so N GPUs train as one
+    GPU with the whole batch would. No effect in a single process; refused with gloo on CPU (PyTorch has none)."""
 
 
 class TrainConfig(StrictModel):

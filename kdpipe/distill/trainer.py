@@ -112,6 +112,20 @@ def _reduce_epoch_sums(
     )
 
 
+def sync_batchnorm(method: KDMethod, world: distributed.World, device: torch.device) -> None:
+    """Make every BatchNorm the method trains a SyncBatchNorm (the frozen teacher is left alone: it never uses batch
+    statistics). A no-op for a single process; PyTorch has no SyncBatchNorm on CPU, which is refused with the fix."""
+    if not world.enabled:
+        return
+    if device.type != "cuda":
+        raise ConfigError(
+            f"train.performance.sync_bn needs CUDA; this {world.size}-process job trains on {device.type} with "
+            f"{world.backend or 'gloo'}, where PyTorch has no SyncBatchNorm",
+            hint="set train.performance.sync_bn: false (BatchNorm statistics are then per rank)",
+        )
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)  # replaces the modules in place, keeping the parameters
+
+
 def compile_networks(method: KDMethod, mode: str, device: torch.device) -> None:
     """``torch.compile`` (in place, so state_dict keys do not change) every network ``method`` trains and its frozen
     teacher. On CPU, inductor generates C++: a machine without a compiler is refused here with the fix."""
@@ -196,6 +210,8 @@ class Trainer:
         if perf.compile:
             compile_networks(self.method, perf.compile_mode, device)
         self.world = distributed.world()
+        if perf.sync_bn:
+            sync_batchnorm(self.method, self.world, device)
         distributed.broadcast_state(self.method)  # every rank starts from rank 0's weights
         self.optimizer: torch.optim.Optimizer | None = None
         if method.manual_optimization:

@@ -12,7 +12,8 @@ import torch
 from kdpipe.config import TrainConfig
 from kdpipe.distill.methods import create_method
 from kdpipe.distill.methods.kd import KDParams
-from kdpipe.distill.trainer import compile_networks, create_optimizer
+from kdpipe.distill.trainer import compile_networks, create_optimizer, sync_batchnorm
+from kdpipe.distributed import World
 from kdpipe.errors import ConfigError
 from tests.distill.conftest import DigitsRun, fit
 
@@ -82,3 +83,23 @@ def test_compiled_training_matches_eager(digits: DigitsRun, tmp_path: Path) -> N
     assert student.state_dict().keys() == digits.student().state_dict().keys()  # compiled in place: same keys
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-2)
     assert abs(compiled_top1 - eager_top1) <= 0.03
+
+
+def test_sync_bn_is_a_no_op_alone_and_refused_on_cpu_under_torchrun(digits: DigitsRun) -> None:
+    method = create_method(KDParams(), digits.student(), digits.teacher, digits.context())
+    sync_batchnorm(method, World(), torch.device("cpu"))
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in method.modules())
+    with pytest.raises(ConfigError, match="sync_bn needs CUDA") as info:
+        sync_batchnorm(method, World(rank=0, size=2, backend="gloo"), torch.device("cpu"))
+    assert "sync_bn: false" in (info.value.hint or "")
+
+
+@pytest.mark.gpu
+def test_sync_bn_converts_the_trained_networks_not_the_teacher(digits: DigitsRun) -> None:
+    method = create_method(KDParams(), digits.student(), digits.teacher, digits.context())
+    weights = list(method.student.parameters())
+    sync_batchnorm(method, World(rank=0, size=2, backend="nccl"), torch.device("cuda"))
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in method.student.modules())
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in digits.teacher.modules())
+    after = list(method.student.parameters())
+    assert len(after) == len(weights) and all(a is b for a, b in zip(after, weights, strict=True))  # same tensors

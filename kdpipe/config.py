@@ -63,6 +63,14 @@ class DataConfig(StrictModel):
     """cifar10/cifar100 only: download into root when missing (needs internet)."""
     cache_dir: Path | None = None
     """Where decoded uint8 tensors are cached. Default: $KDPIPE_CACHE or ~/.cache/kdpipe."""
+    loader: Literal["memory", "stream"] = "memory"
+    """memory: decode once into a cached uint8 tensor (on a GPU, the split lives on the device). stream (imagefolder
+    only, a folder or a plain .tar): decode each batch in DataLoader workers, for data too large for memory. Both give
+    the same batches."""
+    workers: int = Field(4, ge=0)
+    """stream only: DataLoader worker processes decoding images (0: in the training process)."""
+    prefetch: PositiveInt = 2
+    """stream only: batches each worker prepares ahead."""
     num_classes: PositiveInt = 10
     """synthetic only: number of classes."""
     num_samples: PositiveInt = 256
@@ -72,6 +80,10 @@ class DataConfig(StrictModel):
     def _root_required(self) -> DataConfig:
         if self.kind in ("cifar10", "cifar100", "imagefolder") and self.root is None:
             raise ValueError(f"data.root is required for kind {self.kind!r}: set it to the dataset folder or archive")
+        if self.loader == "stream" and self.kind != "imagefolder":
+            raise ValueError(
+                f"data.loader: stream is for kind imagefolder; {self.kind!r} fits in memory (use loader: memory)"
+            )
         return self
 
 

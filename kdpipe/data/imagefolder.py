@@ -128,9 +128,10 @@ def _decode_all(
     return images, labels
 
 
-def build_imagefolder(source: ImageSource, where: Path, image_size: int | None) -> SourceData:
-    """List, check and decode ``source`` (no cache): train and test splits with sorted train class names."""
-    start = time.perf_counter()
+def list_imagefolder(
+    source: ImageSource, where: Path
+) -> tuple[list[str], list[tuple[int, ImageEntry]], list[tuple[int, ImageEntry]]]:
+    """List and check ``source``: sorted train class names, and ``(label, entry)`` of every train and test image."""
     listing = source.scan()
     prefix, test_name = _find_layout(listing, where)
     train_dir, test_dir = (*prefix, "train"), (*prefix, test_name)
@@ -156,6 +157,13 @@ def build_imagefolder(source: ImageSource, where: Path, image_size: int | None) 
     # Labels come from the train folder list, so a test split with fewer classes keeps the same indices.
     index = {name: i for i, name in enumerate(classes)}
     test = [(index[test_classes[label]], entry) for label, entry in _group(listing, test_dir, test_classes, where)]
+    return classes, train, test
+
+
+def build_imagefolder(source: ImageSource, where: Path, image_size: int | None) -> SourceData:
+    """List, check and decode ``source`` (no cache): train and test splits with sorted train class names."""
+    start = time.perf_counter()
+    classes, train, test = list_imagefolder(source, where)
     logger.info("decoding %d train + %d test images from %s", len(train), len(test), where)
     # One pass over both splits: a compressed archive is then decompressed only once more after listing.
     images, labels = _decode_all(source, train + test, image_size, where)

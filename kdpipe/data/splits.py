@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kdpipe.config import DataConfig
 from kdpipe.data.sources import load_source
 from kdpipe.errors import DataError
+
+if TYPE_CHECKING:
+    from kdpipe.data.stream import FileSplit
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +54,18 @@ class TensorSplit:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def load(self, indices: torch.Tensor) -> torch.Tensor:
+        """uint8 images at ``indices`` (the same call reads them from disk for a streamed ``FileSplit``)."""
+        return self.images[indices]
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
     def select(self, indices: torch.Tensor) -> TensorSplit:
         """Return the samples at ``indices`` (a copy), e.g. a calibration subset."""
         return TensorSplit(self.images[indices], self.labels[indices])
@@ -59,9 +75,11 @@ class TensorSplit:
 class Splits:
     """The splits of one dataset plus what a model needs to know about them."""
 
-    train: TensorSplit
-    val: TensorSplit | None
-    test: TensorSplit
+    train: TensorSplit | FileSplit
+    """In memory (``data.loader: memory``), or file references decoded per batch (``stream``); both have
+    ``labels``, ``len``, ``select``, ``load(indices)``, ``in_chans`` and ``image_size``."""
+    val: TensorSplit | FileSplit | None
+    test: TensorSplit | FileSplit
     classes: list[str]
     """Class names; the index is the label."""
     mean: tuple[float, ...]
@@ -151,23 +169,41 @@ def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> tupl
     return torch.nonzero(mask).flatten(), held
 
 
-def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (population) std of uint8 ``images`` in [0, 1] units.
+def channel_stats(images: torch.Tensor | Iterable[torch.Tensor]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 ``images`` in [0, 1] units (one tensor, or batches of one
+    split: the same numbers either way).
 
     Counted from a 256-bin histogram per channel: exact, and no float copy of a 150 MB tensor.
     """
-    if len(images) == 0:
+    hists: torch.Tensor | None = None
+    for batch in [images] if isinstance(images, torch.Tensor) else images:
+        if len(batch) == 0:
+            continue
+        counts = torch.stack(
+            [torch.bincount(batch[:, c].reshape(-1).cpu(), minlength=256) for c in range(batch.shape[1])]
+        )
+        hists = counts if hists is None else hists + counts
+    if hists is None:
         raise DataError("cannot measure mean/std: the train split is empty", hint="lower data.val_fraction")
     values = torch.arange(256, dtype=torch.float64)
     means, stds = [], []
-    for c in range(images.shape[1]):
-        hist = torch.bincount(images[:, c].reshape(-1).cpu(), minlength=256).double()
+    for hist_c in hists:
+        hist = hist_c.double()
         total = hist.sum()
         mean = (hist * values).sum() / total
         var = (hist * (values - mean) ** 2).sum() / total
         means.append(float(mean) / 255.0)
         stds.append(float(var.sqrt()) / 255.0)
     return tuple(means), tuple(stds)
+
+
+def _uint8_batches(split: TensorSplit | FileSplit, workers: int) -> Iterable[torch.Tensor]:
+    """The split's images: the tensor itself, or a streamed split decoded in batches by ``workers`` processes."""
+    if isinstance(split, TensorSplit):
+        return [split.images]
+    from torch.utils.data import DataLoader
+
+    return (images for images, _ in DataLoader(split, batch_size=256, num_workers=workers))
 
 
 def create_splits(cfg: DataConfig, *, seed: int, base_dir: Path) -> Splits:
@@ -178,13 +214,23 @@ def create_splits(cfg: DataConfig, *, seed: int, base_dir: Path) -> Splits:
     ``data.cache_dir`` are resolved. Decoded images are cached (see ``kdpipe.data.cache``).
     """
     root = resolve_root(cfg, base_dir)
-    cache_dir = None
-    if cfg.cache_dir is not None:
-        cache_dir = cfg.cache_dir.expanduser()
-        cache_dir = cache_dir if cache_dir.is_absolute() else Path(base_dir) / cache_dir
-    source = load_source(cfg, root, cache_dir=cache_dir)
-    train = TensorSplit(source.train_images, source.train_labels)
-    test = TensorSplit(source.test_images, source.test_labels)
+    train: TensorSplit | FileSplit
+    test: TensorSplit | FileSplit
+    if cfg.loader == "stream":
+        from kdpipe.data.stream import build_file_splits  # stream imports this module
+
+        assert root is not None  # the config requires it for imagefolder
+        train, test, classes = build_file_splits(root, cfg.image_size)
+        name = f"imagefolder:{root} (streamed)"
+    else:
+        cache_dir = None
+        if cfg.cache_dir is not None:
+            cache_dir = cfg.cache_dir.expanduser()
+            cache_dir = cache_dir if cache_dir.is_absolute() else Path(base_dir) / cache_dir
+        source = load_source(cfg, root, cache_dir=cache_dir)
+        train = TensorSplit(source.train_images, source.train_labels)
+        test = TensorSplit(source.test_images, source.test_labels)
+        classes, name = list(source.classes), source.name
     if cfg.subset is not None:
         _, part = stratified_holdout(train.labels, cfg.subset, derive_seed(seed, "subset"))
         train = train.select(part)
@@ -194,17 +240,17 @@ def create_splits(cfg: DataConfig, *, seed: int, base_dir: Path) -> Splits:
     if cfg.val_fraction > 0:
         keep, held = stratified_holdout(train.labels, cfg.val_fraction, derive_seed(seed, "val"))
         train, val = train.select(keep), train.select(held)
-    mean, std = channel_stats(train.images)
+    mean, std = channel_stats(_uint8_batches(train, cfg.workers))
     splits = Splits(
         train=train,
         val=val,
         test=test,
-        classes=list(source.classes),
+        classes=classes,
         mean=mean,
         std=std,
-        in_chans=int(train.images.shape[1]),
-        image_size=int(train.images.shape[-1]),
-        name=source.name,
+        in_chans=train.in_chans,
+        image_size=train.image_size,
+        name=name,
     )
     logger.info(
         "data %s: %d classes, train %d, val %s, test %d, %dx%dx%d",

@@ -121,7 +121,8 @@ def fingerprint(node: Node, loaded: LoadedConfig, upstream_fps: dict[str, str]) 
             "type": node.type,
             "params": node.config.model_dump(mode="json", exclude={"needs"}),
             "needs": {dep: upstream_fps[dep] for dep in node.needs},
-            "data": cfg.data.model_dump(mode="json"),
+            # How batches are read (memory or stream, workers) does not change them: not part of the fingerprint.
+            "data": cfg.data.model_dump(mode="json", exclude={"loader", "workers", "prefetch"}),
             "seed": cfg.seed,
             "versions": {"kdpipe": kdpipe.__version__, "torch": torch.__version__, "timm": timm.__version__},
         }

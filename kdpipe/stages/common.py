@@ -13,6 +13,7 @@ from torch import nn
 from kdpipe import distributed
 from kdpipe.config import TrainConfig
 from kdpipe.data import BatchLoader, Splits, TensorSplit
+from kdpipe.data.stream import FileSplit, StreamLoader, make_loader
 from kdpipe.distill.methods.base import KDMethod
 from kdpipe.distill.trainer import Precision, Trainer, TrainResult
 from kdpipe.models.factory import count_params, create_model, load_weights, save_weights
@@ -21,6 +22,7 @@ from kdpipe.stages.base import StageContext, StageRecord
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
+Loader = BatchLoader | StreamLoader
 
 
 def build_model(name: str, splits: Splits, **kwargs: Any) -> nn.Module:
@@ -63,17 +65,19 @@ def save_stage_model(ctx: StageContext, model: nn.Module, model_name: str, role:
     return file
 
 
-def eval_split(splits: Splits) -> TensorSplit:
+def eval_split(splits: Splits) -> TensorSplit | FileSplit:
     """The split evaluated during training: val when one is held out, else test."""
     return splits.val if splits.val is not None and len(splits.val) > 0 else splits.test
 
 
-def create_loaders(ctx: StageContext, train: TrainConfig) -> tuple[BatchLoader, BatchLoader]:
-    """The train loader (this rank's shard of every global batch under torchrun) and the eval loader (whole)."""
+def create_loaders(ctx: StageContext, train: TrainConfig) -> tuple[Loader, Loader]:
+    """The train loader (this rank's shard of every global batch under torchrun) and the eval loader (whole); a
+    streamed split (``data.loader: stream``) gets DataLoader workers."""
     splits = ctx.data()
     data_cfg = ctx.pipeline.data
     world = distributed.world()
-    train_loader = BatchLoader(
+    stream = {"workers": data_cfg.workers, "prefetch": data_cfg.prefetch}
+    train_loader = make_loader(
         splits.train,
         batch_size=train.batch_size,
         train=True,
@@ -84,8 +88,9 @@ def create_loaders(ctx: StageContext, train: TrainConfig) -> tuple[BatchLoader, 
         device=ctx.device,
         rank=world.rank,
         world_size=world.size,
+        **stream,
     )
-    eval_loader = BatchLoader(
+    eval_loader = make_loader(
         eval_split(splits),
         batch_size=max(train.batch_size, 256),
         train=False,
@@ -96,10 +101,18 @@ def create_loaders(ctx: StageContext, train: TrainConfig) -> tuple[BatchLoader, 
     return train_loader, eval_loader
 
 
-def test_loader(ctx: StageContext, batch_size: int = 256) -> BatchLoader:
+def test_loader(ctx: StageContext, batch_size: int = 256) -> Loader:
     splits = ctx.data()
-    return BatchLoader(
-        splits.test, batch_size=batch_size, train=False, mean=splits.mean, std=splits.std, device=ctx.device
+    data_cfg = ctx.pipeline.data
+    return make_loader(
+        splits.test,
+        batch_size=batch_size,
+        train=False,
+        mean=splits.mean,
+        std=splits.std,
+        device=ctx.device,
+        workers=data_cfg.workers,
+        prefetch=data_cfg.prefetch,
     )
 
 

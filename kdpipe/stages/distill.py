@@ -120,6 +120,7 @@ class DistillStage(Stage):
             device=ctx.device,
             student_name=cfg.student,
             teacher_name=teacher_info.get("teacher_model", ""),
+            workers=ctx.pipeline.data.workers,
         )
         method = create_method(cfg.method, student, teacher, context)
         label = f"{ctx.name} ({cfg.method.name}: {cfg.student})"

@@ -199,7 +199,8 @@ class ExportStage(Stage):
         if cfg.format == "onnx-fp16":
             artifact = convert_fp16(fp32_path, ctx.dir / "model.onnx")
         elif cfg.format == "onnx-int8" or (cfg.format == "tensorrt" and cfg.tensorrt.precision == "int8"):
-            calibration = normalize(splits.train.images[: cfg.calibration_samples], splits.mean, splits.std)
+            first = torch.arange(min(cfg.calibration_samples, len(splits.train)))
+            calibration = normalize(splits.train.load(first), splits.mean, splits.std)
             for_trt = cfg.format == "tensorrt"
             out = ctx.dir / ("model.int8.onnx" if for_trt else "model.onnx")
             # onnxruntime's CPU kernels fuse uint8 activations; TensorRT only accepts signed symmetric int8 Q/DQ
@@ -209,8 +210,9 @@ class ExportStage(Stage):
             artifact = convert_fp16(fp32_path, ctx.dir / "model.fp16.onnx")
 
         # Parity on real test images (never dummies): the exported artifact against the PyTorch student.
-        n = cfg.parity.samples or len(splits.test)
-        images, labels = normalize(splits.test.images[:n], splits.mean, splits.std), splits.test.labels[:n]
+        n = min(cfg.parity.samples or len(splits.test), len(splits.test))
+        images = normalize(splits.test.load(torch.arange(n)), splits.mean, splits.std)
+        labels = splits.test.labels[:n]
         if cfg.format == "tensorrt":
             from kdpipe.exports.tensorrt import build_engine, load_engine
 

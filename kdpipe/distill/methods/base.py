@@ -61,16 +61,20 @@ class MethodContext:
         device: torch.device | str = "cpu",
         student_name: str = "",
         teacher_name: str = "",
+        workers: int = 0,
     ) -> MethodContext:
         """The context the distill stage gives a method: ``val_batch`` draws ``batch_size`` validation images in
-        an order fixed by ``seed`` (reshuffled every pass), ``train_eval_batches`` runs over the train split."""
-        from kdpipe.data import BatchLoader, derive_seed
+        an order fixed by ``seed`` (reshuffled every pass), ``train_eval_batches`` runs over the train split (a
+        streamed split is decoded by ``workers`` processes)."""
+        from kdpipe.data import derive_seed
+        from kdpipe.data.stream import make_loader
 
         device = torch.device(device)
-        loader = partial(BatchLoader, mean=splits.mean, std=splits.std, device=device)
+        loader = partial(make_loader, mean=splits.mean, std=splits.std, device=device)
+        train_eval = loader(splits.train, batch_size=256, train=False, workers=workers)
 
         def train_eval_batches() -> Iterator[Batch]:
-            return iter(loader(splits.train, batch_size=256, train=False))
+            return iter(train_eval)
 
         val = splits.val if splits.val is not None and len(splits.val) > 0 else None
         val_loader = None

@@ -1,8 +1,9 @@
 """What kdpipe's CIFAR nets share: the CIFAR-100 pretrained config, the 6n + k depth rule, one head base class.
 
 ``CifarNet`` holds the pooling + linear head and timm's model API (``get_classifier``, ``reset_classifier``,
-``forward_features``, ``forward_head``, ``forward_intermediates``) once for ``CifarResNet``, ``WideResNet`` and
-``MobileNetV2Cifar``. A subclass builds its trunk and says how it splits at its feature taps:
+``forward_features``, ``forward_head``, ``forward_intermediates``) once for every kdpipe CIFAR net (``CifarResNet``,
+``CifarBottleneckResNet``, ``WideResNet``, ``VGGCifar``, ``MobileNetV2Cifar``, ``ShuffleNetV1Cifar``,
+``ShuffleNetV2Cifar``). A subclass builds its trunk and says how it splits at its feature taps:
 
 - ``_stem()``: the modules run before the first tap stage;
 - ``_tap_stages()``: the modules run between consecutive taps, one list per ``feature_info`` entry, each list
@@ -123,8 +124,9 @@ class CifarNet(nn.Module):
         setattr(self, self.classifier_attr, self._wrap_classifier(fc))
 
     def _init_weights(self) -> None:
-        # He-normal (fan_out) convs and unit BN, as the CRD reference trains all three families; only the Linear
-        # layer's init differs between them (``_init_linear``).
+        # He-normal (fan_out) convs and unit BN, as the CRD reference initialises its ResNets, WRNs, VGGs and
+        # MobileNetV2; only the Linear layer's init differs between them (``_init_linear``). The ShuffleNets skip this
+        # call: the reference keeps PyTorch's default init for them.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -1,7 +1,9 @@
 """Model factory: model names and construction through timm.
 
 Every model kdpipe trains or exports is a timm model; kdpipe's CIFAR nets are registered into timm's own registry
-(see ``cifar_resnet``, ``wrn``, ``mobilenetv2``), so one name space and one ``create_model`` serve both.
+(see ``cifar_resnet``, ``cifar_resnet50``, ``wrn``, ``cifar_vgg``, ``mobilenetv2``, ``cifar_shufflenet``), so one
+name space and one ``create_model`` serve both. None of their names shadows a timm model: where the literature's
+name is taken (``resnet50``, ``vgg13``), kdpipe's net carries a ``_cifar`` suffix.
 
 Weight files live in ``weights``; ``save_weights``, ``load_weights`` and ``read_weights_metadata`` are re-exported
 here, where callers have always imported them from.
@@ -17,7 +19,7 @@ import timm.models
 from torch import nn
 
 from kdpipe.errors import ConfigError
-from kdpipe.models import cifar_resnet, mobilenetv2, wrn
+from kdpipe.models import cifar_resnet, cifar_resnet50, cifar_shufflenet, cifar_vgg, mobilenetv2, wrn
 from kdpipe.models.weights import _first_line, load_weights
 
 # ``name as name``: re-exported, callers import the weight-file functions from here.
@@ -25,7 +27,7 @@ from kdpipe.models.weights import read_weights_metadata as read_weights_metadata
 from kdpipe.models.weights import save_weights as save_weights
 from kdpipe.registry import suggest
 
-_ARCH_MODULES = (cifar_resnet, wrn, mobilenetv2)
+_ARCH_MODULES = (cifar_resnet, cifar_resnet50, wrn, cifar_vgg, mobilenetv2, cifar_shufflenet)
 # Names timm resolves at build time (a hub repo, a local folder): they cannot be checked without I/O.
 _SOURCE_PREFIXES = ("hf-hub:", "local-dir:")
 _WEIGHTS_HINT = "weights: {checkpoint: path/to/weights.safetensors}"

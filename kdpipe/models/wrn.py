@@ -5,7 +5,9 @@ pre-activation ResNet with a 3x3 stem conv to 16 channels, three stages of n = (
 16k, 32k, 64k and strides 1, 2, 2, then a final BN-ReLU, global average pooling and one linear layer. Each block
 is BN-ReLU-conv3x3-BN-ReLU-(dropout)-conv3x3; a block that changes width or stride projects the shortcut with a
 1x1 conv applied to the *pre-activated* input, as in the reference code. Dropout inside blocks is 0 in the KD
-protocol (CRD, arXiv:1910.10699), which trains ``wrn_40_2`` as a teacher and ``wrn_16_2`` / ``wrn_40_1`` as students.
+protocol (CRD, arXiv:1910.10699), which trains ``wrn_40_2`` as a teacher and ``wrn_16_2`` / ``wrn_40_1`` as students;
+``wrn_16_8`` (11.0M parameters) is the wide teacher of online KD, e.g. SwitOKD's (Qi et al., ECCV 2022) WRN-16-8 /
+WRN-16-1 pair.
 
 Parameter names follow the CRD layout (``conv1``, ``blockN.layer.M.{bn1,conv1,bn2,conv2,convShortcut}``, ``bn1``,
 ``fc``) so the teacher checkpoints published with CRD/mdistiller load into these models unchanged. The head and
@@ -130,7 +132,7 @@ def _create(variant: str, pretrained: bool, depth: int, widen_factor: int, **kwa
 default_cfgs = generate_default_cfgs(
     {
         name: cifar_pretrained_cfg(paper_ids="arXiv:1605.07146")
-        for name in ("wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2")
+        for name in ("wrn_16_1", "wrn_16_2", "wrn_16_8", "wrn_40_1", "wrn_40_2")
     }
 )
 
@@ -145,6 +147,12 @@ def wrn_16_1(pretrained: bool = False, **kwargs: Any) -> nn.Module:
 def wrn_16_2(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """WRN-16-2: 2 blocks per stage, widths 32-64-128."""
     return _create("wrn_16_2", pretrained, 16, 2, **kwargs)
+
+
+@register_model
+def wrn_16_8(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """WRN-16-8: 2 blocks per stage, widths 128-256-512 (a wide teacher, e.g. SwitOKD's WRN-16-8 / WRN-16-1)."""
+    return _create("wrn_16_8", pretrained, 16, 8, **kwargs)
 
 
 @register_model

@@ -45,13 +45,17 @@ def _same_outputs(a: torch.nn.Module, b: torch.nn.Module, in_chans: int = 3) -> 
 def test_list_models_includes_timm_and_kdpipe() -> None:
     names = list_models()
     assert {"resnet18", "resnet8x4", "wrn_40_2", "mobilenetv2_x0_5_cifar"} <= set(names)
-    assert list_models("wrn_*") == ["wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"]
+    assert list_models("wrn_*") == ["wrn_16_1", "wrn_16_2", "wrn_16_8", "wrn_40_1", "wrn_40_2"]
+    assert list_models("vgg*_cifar") == [f"vgg{d}_cifar" for d in (8, 11, 13, 16, 19)]
 
 
 def test_list_kdpipe_models() -> None:
     ours = list_kdpipe_models()
-    assert len(ours) == 14
+    assert len(ours) == 23
     assert "resnet18" not in ours and "resnet32x4" in ours
+    # timm's ImageNet resnet50 / vgg13 stay timm's; the CIFAR variants carry a suffix.
+    assert {"resnet50_cifar", "vgg13_cifar", "shufflenet_v1", "shufflenet_v2"} <= set(ours)
+    assert "resnet50" not in ours and "vgg13" not in ours
     assert all(timm.is_model(n) for n in ours)
 
 

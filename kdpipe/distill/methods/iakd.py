@@ -70,8 +70,8 @@ Fn = Callable[[Tensor], Tensor]
 
 SUPPORTED_FAMILIES = (
     "kdpipe CIFAR nets (CifarNet: resnet8..resnet110, resnet8x4, resnet32x4, resnet50_cifar, wrn_*, vgg*_cifar, "
-    "mobilenetv2_x0_5_cifar, shufflenet_v1/v2) and timm's ResNet family (timm.models.resnet.ResNet: resnet18/34/50/..., resnet*d, "
-    "seresnet*, resnext*, wide_resnet*)"
+    "mobilenetv2_x0_5_cifar, shufflenet_v1/v2) and timm's ResNet family (timm.models.resnet.ResNet: "
+    "resnet18/34/50/..., resnet*d, seresnet*, resnext*, wide_resnet*)"
 )
 # Entrypoint modules whose models can be ResNet/CifarNet; anything else is refused before building a model.
 _FAMILY_MODULES = ("timm.models.resnet", "kdpipe.models.")

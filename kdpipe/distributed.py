@@ -125,7 +125,10 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def _comm_device(tensor: torch.Tensor) -> torch.device:
-    return tensor.device if world().backend == "nccl" else torch.device("cpu")
+    """Where a collective's buffer must live: NCCL reduces CUDA tensors (this rank's GPU), gloo CPU ones."""
+    if world().backend == "nccl":
+        return tensor.device if tensor.is_cuda else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -210,6 +210,8 @@ class Trainer:
         if perf.compile:
             compile_networks(self.method, perf.compile_mode, device)
         self.world = distributed.world()
+        # How often the loop reads values back from the device (each read waits for the GPU to catch up).
+        self.sync_every = 1 if device.type == "cpu" else 25
         if perf.sync_bn:
             sync_batchnorm(self.method, self.world, device)
         distributed.broadcast_state(self.method)  # every rank starts from rank 0's weights
@@ -228,6 +230,14 @@ class Trainer:
         for group in optimizer.param_groups:
             group["base_lr"] = cfg.lr  # follows the schedule: lr = base_lr * lr_factor(epoch)
         return optimizer
+
+    def _check_finite(self, loss_sum: float, epoch: int, step: int) -> None:
+        """Stop on a nan/inf loss (the epoch's running sum is finite only if every step's loss was)."""
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(
+                f"{self.label}: the training loss became {loss_sum} in epoch {epoch + 1} (by step {step + 1}); "
+                "lower the lr, or use precision bf16/fp32 instead of fp16"
+            )
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
@@ -296,9 +306,7 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             out = self.method.training_step(images, targets)
-        loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {self.method.epoch + 1}; lower the lr")
+        loss = out["loss"]  # its finiteness is checked in fit() at the host-sync cadence, not here
         if self.optimizer is None:  # the method stepped its own optimizers
             self.scaler.update()
             return out
@@ -329,9 +337,13 @@ class Trainer:
                 self.method.on_epoch_start(epoch, cfg.epochs)
                 self.train_batches.set_epoch(epoch)
                 first = start_step if epoch == start_epoch else 0
-                sums: dict[str, float] = {}
+                # Running sums stay on the device: reading them back waits for the GPU, so that happens every
+                # `sync_every` steps (every step on CPU, where it costs nothing) and at the end of the epoch.
+                sums: dict[str, Tensor] = {}
                 counts: dict[str, int] = {}  # per key: a part some steps do not return is averaged over those that do
-                correct = seen = 0
+                hits = torch.zeros((), dtype=torch.int64, device=self.device)
+                seen = 0
+                shown_loss = math.nan
                 task = self.progress.task(f"{self.label} {epoch + 1}/{cfg.epochs}", total=len(self.train_batches))
                 task.advance(first)
                 try:
@@ -340,17 +352,22 @@ class Trainer:
                         n = targets.numel()
                         for key, value in out.items():
                             if key != "logits" and value.numel() == 1:
-                                sums[key] = sums.get(key, 0.0) + float(value.detach()) * n
+                                part = value.detach().double().reshape(()) * n
+                                sums[key] = sums[key] + part if key in sums else part
                                 counts[key] = counts.get(key, 0) + n
-                        correct += int((out["logits"].argmax(1) == targets).sum())
+                        hits += (out["logits"].argmax(1) == targets).sum()
                         seen += n
                         steps_done += 1
-                        task.advance(1, loss=float(out["loss"].detach()))
+                        synced = steps_done % self.sync_every == 0 or step + 1 == len(self.train_batches)
+                        if synced:
+                            shown_loss = float(out["loss"].detach())
+                            self._check_finite(float(sums["loss"]), epoch, step)
+                        task.advance(1, loss=shown_loss)
                         if self.stop_after_steps is not None and steps_done >= self.stop_after_steps:
                             stop.signum = signal.SIGTERM
-                        if self.world.enabled and distributed.any_rank(stop.signum is not None):
+                        if self.world.enabled and synced and distributed.any_rank(stop.signum is not None):
                             stop.signum = stop.signum or signal.SIGTERM  # every rank stops at the same step
-                        if stop.signum is not None:
+                        if stop.signum is not None and (synced or not self.world.enabled):
                             self._save(epoch, step + 1, result)
                             raise Interrupted(
                                 f"{self.label}: stopped by {signal.Signals(stop.signum).name} at epoch {epoch + 1}, "
@@ -359,11 +376,13 @@ class Trainer:
                             )
                 finally:
                     task.close()
+                host_sums = {k: float(v) for k, v in sums.items()}
+                correct = int(hits)
                 if self.world.enabled:
-                    sums, counts, correct, seen = _reduce_epoch_sums(sums, counts, correct, seen)
+                    host_sums, counts, correct, seen = _reduce_epoch_sums(host_sums, counts, correct, seen)
                     distributed.broadcast_state(self.method)  # BatchNorm statistics saw only this rank's shards
                 row: dict[str, float] = {"epoch": epoch + 1, "lr": lr}
-                row.update({f"train_{k}": v / max(counts[k], 1) for k, v in sums.items()})
+                row.update({f"train_{k}": v / max(counts[k], 1) for k, v in host_sums.items()})
                 row["train_top1"] = correct / max(seen, 1)
                 row.update(self.method.epoch_metrics())
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:

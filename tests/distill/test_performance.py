@@ -103,3 +103,25 @@ def test_sync_bn_converts_the_trained_networks_not_the_teacher(digits: DigitsRun
     assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in digits.teacher.modules())
     after = list(method.student.parameters())
     assert len(after) == len(weights) and all(a is b for a, b in zip(after, weights, strict=True))  # same tensors
+
+
+def test_a_nan_loss_stops_training_with_the_epoch_and_the_fix(
+    digits: DigitsRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    method = create_method(KDParams(), digits.student(), digits.teacher, digits.context())
+    real_loss = method.loss
+    calls = {"n": 0}
+
+    def poisoned(*args: object) -> dict[str, torch.Tensor]:
+        out = real_loss(*args)  # type: ignore[arg-type]
+        calls["n"] += 1
+        if calls["n"] == 30:  # epoch 2, step 9 (21 steps per epoch)
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(method, "loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"loss became nan in epoch 2 \(by step 9\); lower the lr"):
+        fit(method, digits.splits, tmp_path, epochs=3)
+    # The checkpoint is the end of epoch 1: a rerun resumes from weights the nan never reached.
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["step"] == 0

@@ -46,7 +46,7 @@ def file_identity(path: Path) -> str:
     Cheaper than hashing the file, and a rewritten or replaced archive changes its size or mtime.
     """
     st = path.stat()
-    return f"file:{path.absolute()}:{st.st_size}:{st.st_mtime_ns}"
+    return f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def listing_identity(path: Path, entries: list[tuple[str, int, int]]) -> str:
@@ -54,7 +54,7 @@ def listing_identity(path: Path, entries: list[tuple[str, int, int]]) -> str:
     digest = hashlib.sha256()
     for rel, size, mtime_ns in sorted(entries):
         digest.update(f"{rel}\0{size}\0{mtime_ns}\n".encode())
-    return f"dir:{path.absolute()}:{len(entries)}:{digest.hexdigest()}"
+    return f"dir:{path.resolve()}:{len(entries)}:{digest.hexdigest()}"
 
 
 def _checksum(data: Mapping[str, object]) -> str:
@@ -101,7 +101,7 @@ def cache_path(cache_dir: Path, *, kind: str, source: Path, variant: str, identi
     versions of one dataset so stale ones can be pruned, the second changes whenever the source changes.
     """
     key = _cache_key(kind=kind, variant=variant, identity=identity)
-    return cache_dir / f"{kind}-{_short_hash(f'{source.absolute()}|{variant}')}-{_short_hash(key)}.pt"
+    return cache_dir / f"{kind}-{_short_hash(f'{source.resolve()}|{variant}')}-{_short_hash(key)}.pt"
 
 
 def _cache_key(*, kind: str, variant: str, identity: str) -> str:

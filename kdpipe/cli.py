@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,10 +70,28 @@ class RichProgress:
 
 
 def _load(config: Path, overrides: tuple[str, ...]) -> Any:
+    """The config with ``KDPIPE_SET_*`` environment overrides applied first, then ``--set`` (which wins)."""
     import kdpipe.stages  # noqa: F401  (registers stage types and methods before the config model is built)
     from kdpipe.config import load_config
+    from kdpipe.overrides import from_env
 
-    return load_config(config, overrides)
+    return load_config(config, [*from_env(os.environ), *overrides])
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Point file descriptor 1 at stderr for the duration, so that whatever a library prints (Python or C) lands on
+    stderr and ``--json`` leaves exactly one document on stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):  # for a sys.stdout that is not file descriptor 1
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -93,27 +113,86 @@ _set_option = click.option(
 
 @cli.command()
 @click.argument("config", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), help="Run directory (default: runs/<name>).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    envvar="KDPIPE_OUT",
+    show_envvar=True,
+    help="Run directory (default: runs/<name>).",
+)
 @click.option("--from", "from_stage", metavar="STAGE", help="Rerun STAGE and every stage that depends on it.")
 @click.option("--only", metavar="STAGE", help="Run only STAGE if out of date (with --force: always).")
 @click.option("--force", is_flag=True, help="Rerun every stage even when up to date.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="At the end, print the run summary (summary.json) as one JSON document on stdout; logs stay on stderr.",
+)
 @_set_option
 @handle_errors
 def run(
-    config: Path, out: Path | None, from_stage: str | None, only: str | None, force: bool, overrides: tuple[str, ...]
+    config: Path,
+    out: Path | None,
+    from_stage: str | None,
+    only: str | None,
+    force: bool,
+    as_json: bool,
+    overrides: tuple[str, ...],
 ) -> None:
-    """Run the pipeline in CONFIG, skipping stages that are up to date."""
+    """Run the pipeline in CONFIG, skipping stages that are up to date.
+
+    KDPIPE_SET_<KEY__PATH>=VALUE environment variables override config values before --set does (the path after the
+    prefix is lower-cased, __ separates keys): KDPIPE_SET_STAGES__DISTILL__TRAIN__EPOCHS=3.
+    """
+    state: dict[str, Any] = {"run_dir": out}
+    if not as_json:
+        _run(config, out, from_stage, only, force, overrides, state)
+        return
+    error: BaseException | None = None
+    try:
+        with _stdout_to_stderr():
+            _run(config, out, from_stage, only, force, overrides, state)
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        if state.get("is_main", True):
+            click.echo(json.dumps(_json_document(config, state, error), indent=2, default=str))
+
+
+def _json_document(config: Path, state: dict[str, Any], error: BaseException | None) -> dict[str, Any]:
+    """The runner's summary when the run got that far; else the same keys with the error and no stage results."""
+    from kdpipe.pipeline import summary
+
+    runner = state.get("runner")
+    if runner is not None and runner.summary_document is not None:
+        return dict(runner.summary_document)
+    return summary.document(name=state.get("name"), config=config, run_dir=state.get("run_dir"), stages=[], error=error)
+
+
+def _run(
+    config: Path,
+    out: Path | None,
+    from_stage: str | None,
+    only: str | None,
+    force: bool,
+    overrides: tuple[str, ...],
+    state: dict[str, Any],
+) -> None:
     from kdpipe import distributed
     from kdpipe.pipeline.runner import Runner, default_run_dir
 
     loaded = _load(config, overrides)
     run_dir = out or default_run_dir(loaded)
+    state.update(name=loaded.config.name, run_dir=run_dir)
     world = distributed.init_from_env(loaded.config.device)  # under torchrun: join the group; else a no-op
+    state["is_main"] = world.is_main
     try:
         if not world.is_main:  # rank 0 reports; the others train their shards quietly
             Runner(loaded, run_dir, force=force, from_stage=from_stage, only=only).run()
             return
-        _run_main(loaded, config, out, run_dir, from_stage, only, force, overrides)
+        _run_main(loaded, config, out, run_dir, from_stage, only, force, overrides, state)
     finally:
         distributed.shutdown()
 
@@ -127,6 +206,7 @@ def _run_main(
     only: str | None,
     force: bool,
     overrides: tuple[str, ...],
+    state: dict[str, Any],
 ) -> None:
     from kdpipe.pipeline.runner import Runner, StageOutcome
 
@@ -149,6 +229,7 @@ def _run_main(
     try:
         # validation before the progress bar: a config error prints as a single clean line
         runner = Runner(loaded, run_dir, force=force, from_stage=from_stage, only=only, on_stage=on_stage)
+        state["runner"] = runner
         console.print(f"[bold]kdpipe[/] {loaded.path} -> {run_dir}", highlight=False)
         with RichProgressBar(*columns, console=console, transient=True) as bar:
             runner.progress = RichProgress(bar)
@@ -222,13 +303,15 @@ def list_(what: str, show_all: bool) -> None:
     stdout.print(table)
 
 
-def _add_bench() -> None:
+def _add_commands() -> None:
     from kdpipe.bench.standalone import bench_command
+    from kdpipe.doctor import doctor_command
 
     cli.add_command(bench_command, "bench")
+    cli.add_command(doctor_command, "doctor")
 
 
-_add_bench()
+_add_commands()
 
 
 def main() -> None:

@@ -8,12 +8,13 @@ forbids unknown keys; every error is reported as ``file:line: field.path: messag
 from __future__ import annotations
 
 import os
+import re
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,11 +24,14 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     create_model,
+    field_validator,
     model_validator,
 )
 
 from kdpipe.errors import ConfigError
+from kdpipe.overrides import Override, apply_override, parse_set, source_of
 from kdpipe.registry import suggest
+from kdpipe.yamlio import Lines, lookup_line, parse_yaml
 
 
 class StrictModel(BaseModel):
@@ -132,6 +136,64 @@ class TrainConfig(StrictModel):
     performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
 
 
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+class MlflowConfig(StrictModel):
+    """Log the run to MLflow: the resolved config as params, per-epoch and per-stage metrics, the outputs as
+    artifacts. Needs ``pip install "kdpipe[tracking]"`` (mlflow-skinny; the full mlflow works too)."""
+
+    tracking_uri: str | None = None
+    """A tracking server (http://host:5000, databricks, sqlite:///mlflow.db with the full mlflow) or a folder for a
+    local file store (file:PATH or a plain path; relative to the stages.yaml's folder). Default: $MLFLOW_TRACKING_URI,
+    else a file store in the folder mlruns beside the stages.yaml."""
+    experiment: str | None = None
+    """Experiment name (created when missing). Default: the pipeline's name."""
+    run_name: str | None = None
+    """Default: the run directory's folder name."""
+    tags: dict[str, str] = Field(default_factory=dict)
+    artifacts: Literal["deploy", "all", "none"] = "deploy"
+    """What is uploaded when the run ends: deploy = every stage's outputs except the weights trained by teacher and
+    distill stages, plus resolved.yaml, summary.json and events.jsonl; all = those weights too; none = nothing."""
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _resolve_store(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if value in ("databricks", "databricks-uc"):  # MLflow's names for a Databricks workspace, not folders
+            return value
+        local = value[len("file:") :] if value.startswith("file:") else None if _URI_SCHEME.match(value) else value
+        if local is None or local.startswith("//"):  # a URI with a scheme, or already file:///absolute
+            return value
+        return resolve_path(Path(local), info).absolute().as_uri()
+
+
+class TensorBoardConfig(StrictModel):
+    """Write TensorBoard scalars (per-epoch and per-stage metrics) and the resolved config as text. Needs the
+    tensorboard package (``pip install "kdpipe[tracking]"``)."""
+
+    log_dir: Path | None = None
+    """Folder of the event files; relative to the stages.yaml's folder. Default: <run dir>/tensorboard."""
+
+    @field_validator("log_dir")
+    @classmethod
+    def _resolve(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else resolve_path(value, info)
+
+
+class TrackingConfig(StrictModel):
+    """Experiment tracking, off by default: ``tracking: {mlflow: {}, tensorboard: {}}`` turns both on. Only rank 0 of
+    a torchrun job logs; a tracking failure during a run is a warning, never a failed run."""
+
+    mlflow: MlflowConfig | None = None
+    tensorboard: TensorBoardConfig | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.mlflow is not None or self.tensorboard is not None
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Stage config base and the top-level model (assembled from the stage registry)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -160,6 +222,8 @@ class PipelineBase(StrictModel):
     device: str = "auto"
     """auto (cuda when available, else cpu) | cpu | cuda | cuda:N."""
     data: DataConfig = Field(default_factory=DataConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Experiment tracking (MLflow, TensorBoard); off unless a backend is set."""
 
 
 def _stage_union() -> Any:
@@ -201,7 +265,7 @@ class LoadedConfig:
     path: Path
     base_dir: Path
     raw: dict[str, Any]
-    lines: dict[tuple[str | int, ...], int]
+    lines: Lines
 
     def line_of(self, loc: tuple[str | int, ...]) -> int | None:
         return lookup_line(self.lines, loc)
@@ -211,105 +275,19 @@ class LoadedConfig:
         return f"{self.path}:{line}" if line else str(self.path)
 
 
-class _SafeLineLoader(yaml.SafeLoader):
-    """SafeLoader (no object-constructing tags) that refuses duplicate keys."""
-
-
-def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_SafeLineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _collect_lines(node: yaml.Node, prefix: tuple[str | int, ...], out: dict[tuple[str | int, ...], int]) -> None:
-    out[prefix] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = key_node.value
-            out[(*prefix, key)] = key_node.start_mark.line + 1
-            _collect_lines(value_node, (*prefix, key), out)
-            out[(*prefix, key)] = key_node.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _collect_lines(item, (*prefix, i), out)
-
-
-def lookup_line(lines: dict[tuple[str | int, ...], int], loc: tuple[str | int, ...]) -> int | None:
-    """Line of the deepest prefix of ``loc`` present in the file. Elements that are not keys (a discriminated
-    union's tag that pydantic inserts into locations) are skipped."""
-    best: int | None = lines.get(())
-    path: tuple[str | int, ...] = ()
-    for part in loc:
-        candidate = (*path, part)
-        if candidate in lines:
-            path = candidate
-            best = lines[candidate]
-    return best
-
-
-def parse_yaml(text: str, path: Path) -> tuple[dict[str, Any], dict[tuple[str | int, ...], int]]:
-    """Parse a stages.yaml safely; returns the mapping and a location -> line map."""
-    if not text.strip():
-        raise ConfigError(f"{path}: the file is empty", hint="start from examples/digits.yaml")
-    try:
-        node = yaml.compose(text, Loader=_SafeLineLoader)
-        data = yaml.load(text, Loader=_SafeLineLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        what = " ".join(p for p in (exc.context, exc.problem) if p)
-        raise ConfigError(f"{where}: YAML syntax error: {what}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: YAML error: {exc}") from exc
-    if node is None or data is None:
-        raise ConfigError(f"{path}: the file is empty", hint="start from examples/digits.yaml")
-    if not isinstance(data, dict):
-        kind = type(data).__name__
-        raise ConfigError(f"{path}:1: the top level must be a mapping (version, name, data, stages), not a {kind}")
-    lines: dict[tuple[str | int, ...], int] = {}
-    _collect_lines(node, (), lines)
-    return data, lines
-
-
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one ``--set a.b.c=value`` in place; the value is parsed as a YAML scalar/flow value."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected key.path=value, e.g. --set stages.distill.train.epochs=5")
-    key, _, raw_value = assignment.partition("=")
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"--set {assignment!r}: the key is empty")
-    try:
-        value = yaml.load(raw_value, Loader=_SafeLineLoader)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML: {exc}") from exc
-    node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        nxt = node.get(part) if isinstance(node, dict) else None
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {assignment!r}: {'.'.join(parts[: i + 1])} is a value, not a mapping")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def format_validation_error(exc: ValidationError, path: Path, lines: dict[tuple[str | int, ...], int]) -> str:
-    """One line per problem: ``file:line: field.path: message`` with did-you-mean for unknown keys and tags."""
+def format_validation_error(
+    exc: ValidationError, path: Path, lines: Lines, applied: Sequence[tuple[tuple[str, ...], str]] = ()
+) -> str:
+    """One line per problem: ``file:line: field.path: message`` with did-you-mean for unknown keys and tags, and
+    the override that set the field (``applied``: key paths and their sources) when one did."""
     out = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         line = lookup_line(lines, loc)
         where = f"{path}:{line}" if line else str(path)
         field = ".".join(str(p) for p in loc) or "(top level)"
-        out.append(f"{where}: {field}: {_describe(err, loc)}")
+        source = source_of(loc, applied)
+        out.append(f"{where}: {field}: {_describe(err, loc)}" + (f" (set by {source})" if source else ""))
     return "\n".join(out)
 
 
@@ -391,8 +369,9 @@ def _union_member(annotation: Any, tag: str) -> Any:
     return None
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedConfig:
-    """Read, override and validate a stages.yaml. Raises ConfigError with file:line locations."""
+def load_config(path: str | Path, overrides: Sequence[str | Override] = ()) -> LoadedConfig:
+    """Read, override (``--set`` strings or ``Override``s, in order) and validate a stages.yaml. Raises ConfigError
+    with file:line locations."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such file", hint="pass the path of a stages.yaml, e.g. examples/digits.yaml")
@@ -403,14 +382,16 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the file: {exc}") from exc
     data, lines = parse_yaml(text, path)
-    for assignment in overrides:
-        apply_override(data, assignment)
+    applied = []
+    for override in overrides:
+        override = parse_set(override) if isinstance(override, str) else override
+        applied.append((apply_override(data, override), override.source))
     base_dir = path.absolute().parent
     model = get_pipeline_model()
     try:
         config = model.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, path, lines)) from None
+        raise ConfigError(format_validation_error(exc, path, lines, applied)) from None
     return LoadedConfig(config=config, path=path, base_dir=base_dir, raw=data, lines=lines)
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -35,7 +36,8 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _remove_dead_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise write_error(path, exc) from exc
     try:
@@ -66,9 +68,10 @@ def atomic_write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
     """For libraries that insist on writing to a path themselves (torch.save, safetensors, onnx.save): let
     ``writer`` write a temp path in the same folder, then fsync and rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_temps(path)
         writer(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -84,6 +87,30 @@ def atomic_write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
     _fsync_dir(path.parent)
 
 
+def _remove_dead_temps(path: Path) -> None:
+    """Delete the temporary files of ``path`` that a writer killed mid-write (SIGKILL, OOM killer) left behind. Their
+    names carry the writer's pid (``.<name>.<pid>.[...]tmp``); one whose writer is alive (a concurrent write) stays."""
+    prefix = f".{path.name}."
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")):
+                continue
+            pid = entry.name[len(prefix) :].split(".", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: a live process of another user
+        return True
+    return True
+
+
 def _fsync_dir(folder: Path) -> None:
     # The rename lives in the folder's entry table: without this fsync a power loss can undo it even though the
     # file's data was synced. Best effort: the file is already in place, and some platforms and filesystems
@@ -94,6 +121,20 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def zip_damage(path: str | Path) -> str | None:
+    """Why the zip archive at ``path`` (the format of ``torch.save``) is damaged: unreadable, truncated, or a member
+    whose bytes fail its CRC-32; None when intact. ``torch.load`` checks none of this and would load flipped bits.
+    A file saved without checksums (torch's ``compute_crc32=False``: every CRC is 0) cannot be checked: None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if all(info.CRC == 0 for info in archive.infolist() if info.file_size):
+                return None
+            bad = archive.testzip()
+    except Exception as exc:  # BadZipFile, EOFError, OSError, ...: a torn file fails in many ways
+        return f"not a readable zip archive: {type(exc).__name__}: {exc}"
+    return None if bad is None else f"its member {bad} fails its CRC-32 check"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

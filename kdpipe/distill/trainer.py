@@ -30,7 +30,7 @@ from kdpipe.config import TrainConfig
 from kdpipe.distill.evaluate import EvalResult, evaluate
 from kdpipe.distill.methods.base import KDMethod
 from kdpipe.errors import ConfigError, DataError, Interrupted
-from kdpipe.fileio import atomic_write_with
+from kdpipe.fileio import atomic_write_with, zip_damage
 from kdpipe.progress import NullProgress, Progress
 
 log = logging.getLogger(__name__)
@@ -264,6 +264,10 @@ class Trainer:
         """Restore the last checkpoint if it belongs to this exact stage config; returns (epoch, step) to start at."""
         path = self.checkpoint_path
         if not path.exists():
+            return 0, 0
+        damage = zip_damage(path)  # torch.load checks no CRC: a flipped bit in the weights would load silently
+        if damage is not None:
+            log.warning("ignoring damaged checkpoint %s (%s); training from the start", path, damage)
             return 0, 0
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

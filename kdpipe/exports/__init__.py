@@ -16,7 +16,14 @@ from kdpipe.exports.onnx import (
     read_preprocessing,
     supported_opsets,
 )
-from kdpipe.exports.parity import ParityReport, ParityTolerance, check_parity, enforce_parity, measure_parity
+from kdpipe.exports.parity import (
+    ParityReport,
+    ParityTolerance,
+    check_parity,
+    enforce_parity,
+    measure_parity,
+    parity_gates,
+)
 from kdpipe.exports.quantize import convert_fp16, count_qdq_nodes, quantize_int8
 from kdpipe.exports.runtime import (
     OnnxRunner,
@@ -59,6 +66,7 @@ __all__ = [
     "load_engine",
     "measure_parity",
     "onnx_providers",
+    "parity_gates",
     "quantize_int8",
     "read_metadata",
     "read_preprocessing",

@@ -11,8 +11,9 @@ normalised, as the model sees it in training), batch by batch through both model
 - ``top1_agreement``: the fraction of images where both predict the same class;
 - ``torch_top1`` / ``export_top1``: each model's own accuracy against the labels.
 
-``check_parity`` compares a report with a ``ParityTolerance`` (each bound optional) and returns one message per
-failed bound; ``enforce_parity`` turns those into ``GateFailed`` (exit 4). The caller writes its report first.
+``parity_gates`` compares a report with a ``ParityTolerance`` (each bound optional), one outcome per bound;
+``check_parity`` returns the messages of the failed ones; ``enforce_parity`` turns those into ``GateFailed``
+(exit 4). The caller writes its report first.
 """
 
 from __future__ import annotations
@@ -167,23 +168,53 @@ def measure_parity(
 _EPS = 1e-9
 
 
+def parity_gates(report: ParityReport, tol: ParityTolerance, *, label: str) -> list[dict[str, Any]]:
+    """One outcome per bound of ``tol`` that is set: ``{name, threshold, value, passed, message}`` (the shape of the
+    verify stage's gates, so a run summary can list both alike)."""
+    gates: list[dict[str, Any]] = []
+
+    def gate(name: str, threshold: float, value: float, passed: bool, message: str) -> None:
+        gates.append({"name": name, "threshold": threshold, "value": value, "passed": passed, "message": message})
+
+    if tol.max_abs_diff is not None:
+        ok = report.max_abs_diff <= tol.max_abs_diff + _EPS * tol.max_abs_diff
+        rel = "<=" if ok else ">"
+        gate(
+            "max_abs_diff",
+            tol.max_abs_diff,
+            report.max_abs_diff,
+            ok,
+            f"{label}: max |logit diff| {report.max_abs_diff:.4g} {rel} {tol.max_abs_diff:.4g}",
+        )
+    if tol.min_agreement is not None:
+        ok = not report.top1_agreement < tol.min_agreement - _EPS
+        differ = round((1 - report.top1_agreement) * report.num_samples)
+        rel = ">=" if ok else "<"
+        gate(
+            "min_agreement",
+            tol.min_agreement,
+            report.top1_agreement,
+            ok,
+            f"{label}: top-1 agreement with PyTorch {report.top1_agreement:.4f} {rel} {tol.min_agreement:.4f} "
+            f"({differ} of {report.num_samples} images predicted differently)",
+        )
+    if tol.max_top1_drop is not None:
+        ok = not report.top1_drop > tol.max_top1_drop + _EPS
+        rel = "<=" if ok else ">"
+        gate(
+            "max_top1_drop",
+            tol.max_top1_drop,
+            report.top1_drop,
+            ok,
+            f"{label}: top-1 drop {report.top1_drop:.4f} ({report.torch_top1:.4f} -> {report.export_top1:.4f}) "
+            f"{rel} {tol.max_top1_drop:.4f}",
+        )
+    return gates
+
+
 def check_parity(report: ParityReport, tol: ParityTolerance, *, label: str) -> list[str]:
     """One message per bound of ``tol`` that ``report`` fails, with both numbers; empty when all pass."""
-    failures: list[str] = []
-    if tol.max_abs_diff is not None and not report.max_abs_diff <= tol.max_abs_diff + _EPS * tol.max_abs_diff:
-        failures.append(f"{label}: max |logit diff| {report.max_abs_diff:.4g} > {tol.max_abs_diff:.4g}")
-    if tol.min_agreement is not None and report.top1_agreement < tol.min_agreement - _EPS:
-        differ = round((1 - report.top1_agreement) * report.num_samples)
-        failures.append(
-            f"{label}: top-1 agreement with PyTorch {report.top1_agreement:.4f} < {tol.min_agreement:.4f} "
-            f"({differ} of {report.num_samples} images predicted differently)"
-        )
-    if tol.max_top1_drop is not None and report.top1_drop > tol.max_top1_drop + _EPS:
-        failures.append(
-            f"{label}: top-1 drop {report.top1_drop:.4f} ({report.torch_top1:.4f} -> {report.export_top1:.4f}) "
-            f"> {tol.max_top1_drop:.4f}"
-        )
-    return failures
+    return [g["message"] for g in parity_gates(report, tol, label=label) if not g["passed"]]
 
 
 def enforce_parity(report: ParityReport, tol: ParityTolerance, *, label: str) -> None:

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kdpipe.errors import DataError
-from kdpipe.fileio import WriteError, atomic_write_with
+from kdpipe.fileio import WriteError, atomic_write_with, zip_damage
 
 __all__ = ["load_weights", "read_weights_metadata", "save_weights"]
 
@@ -157,6 +157,9 @@ def _read_torch_file(path: Path) -> Any:
             f"{path} is not a PyTorch checkpoint: {what}",
             hint="point weights.checkpoint at a file written by torch.save or save_weights",
         )
+    damage = zip_damage(path) if head.startswith(b"PK\x03\x04") else None
+    if damage is not None:  # torch.load checks no CRC: flipped bits in the weights would load silently
+        raise DataError(f"{path} is truncated or corrupt: {damage}", hint="copy the file again, or re-save it")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

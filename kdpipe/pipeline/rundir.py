@@ -5,6 +5,7 @@ runs/<name>/
   environment.json     versions, device, git SHA, command line
   events.jsonl         one JSON object per line: stage start/end/skip/fail, per-epoch metrics
   run.lock.json        per stage: fingerprint, output hashes, status, duration
+  summary.json         the run's outcome for machines (kdpipe.pipeline.summary), rewritten at the end of every run
   <stage>/             one folder per stage with its artifacts and result.json
   .kdpipe.pid          held (flock) by the live ``kdpipe run``; holds its pid
 """
@@ -15,13 +16,17 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from kdpipe.errors import RunLocked
 from kdpipe.fileio import atomic_write_json, sha256_file, write_error
+
+log = logging.getLogger(__name__)
 
 LOCK_VERSION = 1
 
@@ -32,6 +37,9 @@ class RunDir:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._lock_fh: IO[str] | None = None
+        self.sinks: list[Callable[[dict[str, Any]], None]] = []
+        """Called with every event after it is appended (experiment tracking, the run summary). A sink that raises
+        is logged and otherwise ignored: the event log is the record, sinks are extras."""
 
     # -- layout --------------------------------------------------------------------------------------------------
     @property
@@ -88,6 +96,11 @@ class RunDir:
                 fh.write(json.dumps(record, default=str, sort_keys=True) + "\n")
         except OSError as exc:
             raise write_error(self.events_file, exc) from exc
+        for sink in self.sinks:
+            try:
+                sink(record)
+            except Exception:
+                log.warning("an event sink failed on %s/%s; the run goes on", stage, event, exc_info=True)
 
     # -- stage lock ----------------------------------------------------------------------------------------------
     def read_lock(self) -> dict[str, Any]:

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import shutil
-import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +26,20 @@ import yaml
 import kdpipe
 from kdpipe import distributed
 from kdpipe.config import LoadedConfig
-from kdpipe.data import Splits, create_splits, resolve_root
-from kdpipe.errors import ConfigError, DataError, GateFailed, KdpipeError, StageError
+from kdpipe.data import Splits, create_splits
+from kdpipe.errors import ConfigError, GateFailed, KdpipeError, StageError
 from kdpipe.fileio import atomic_write_json, atomic_write_text, sha256_json
-from kdpipe.pipeline.graph import Node, build_graph, downstream_of
+from kdpipe.pipeline import summary
+from kdpipe.pipeline.checks import preflight
+from kdpipe.pipeline.checks import requirements as requirements  # re-exported beside preflight
+from kdpipe.pipeline.environment import environment, resolve_device
+from kdpipe.pipeline.environment import git_sha as git_sha  # re-exported: it used to live here
+from kdpipe.pipeline.graph import Node, downstream_of
 from kdpipe.pipeline.rundir import RunDir, hash_outputs, outputs_intact
 from kdpipe.progress import NullProgress, Progress
 from kdpipe.registry import suggest
 from kdpipe.stages.base import StageContext, StageRecord
+from kdpipe.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +50,11 @@ RESULT_FILE = "result.json"
 class StageOutcome:
     name: str
     type: str
-    status: str  # "ran" | "skipped" | "failed" | "gate_failed" | "not_run"
+    status: str  # "ran" | "skipped" | "failed"
     seconds: float = 0.0
     summary: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
 
 
 @dataclass
@@ -62,56 +66,6 @@ class RunSummary:
 
 def default_run_dir(loaded: LoadedConfig) -> Path:
     return Path("runs") / loaded.config.name
-
-
-def resolve_device(setting: str, local_rank: int | None = None) -> torch.device:
-    """The run's device; under torchrun (``local_rank`` given) CUDA means this process's own GPU."""
-    if local_rank is not None and setting in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(setting)
-    except RuntimeError as exc:
-        raise ConfigError(f"device: {setting!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {setting!r} asked for, but CUDA is not available here", hint="use device: auto")
-    return device
-
-
-@cache
-def git_sha() -> str:
-    """The commit of the kdpipe checkout, when running from one ("" otherwise)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(kdpipe.__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return out.stdout.strip() if out.returncode == 0 else ""
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """Versions and device, written to environment.json, checkpoints' metadata and the model card."""
-    env: dict[str, Any] = {
-        "kdpipe": kdpipe.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "platform": platform.platform(),
-        "device": str(device),
-        "cpu_threads": torch.get_num_threads(),
-        "git_sha": git_sha(),
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-    return env
 
 
 def fingerprint(node: Node, loaded: LoadedConfig, upstream_fps: dict[str, str]) -> str:
@@ -127,21 +81,6 @@ def fingerprint(node: Node, loaded: LoadedConfig, upstream_fps: dict[str, str]) 
             "versions": {"kdpipe": kdpipe.__version__, "torch": torch.__version__, "timm": timm.__version__},
         }
     )
-
-
-def preflight(loaded: LoadedConfig) -> list[Node]:
-    """Every check that needs no work: the graph, data paths, per-stage checks. Raises before anything is written."""
-    nodes = build_graph(loaded)
-    data = loaded.config.data
-    root = resolve_root(data, loaded.base_dir)
-    if root is not None and not root.exists() and not data.download:
-        raise DataError(
-            f"{loaded.where(('data', 'root'))}: data.root: {root} does not exist",
-            hint="fix the path (relative paths are resolved against the stages.yaml folder)",
-        )
-    for node in nodes:
-        node.stage_cls.preflight(node.name, node.config, loaded)
-    return nodes
 
 
 class Runner:
@@ -169,6 +108,10 @@ class Runner:
         self.options = dict(options or {})
         self._splits: Splits | None = None
         self._fingerprints: dict[str, str] = {}
+        self._records: dict[str, StageRecord] = {}
+        self._gate_events: dict[str, dict[str, Any]] = {}
+        self.summary_document: dict[str, Any] | None = None
+        """The last run's summary (what summary.json holds), once a run got as far as writing one."""
         self.nodes = preflight(loaded)
         names = [n.name for n in self.nodes]
         for flag, value in (("--from", from_stage), ("--only", only)):
@@ -227,8 +170,9 @@ class Runner:
     def run(self) -> RunSummary:
         if not self.world.is_main:
             return self._run_worker()
-        t_start = time.perf_counter()
+        t_start, started_at = time.perf_counter(), time.time()
         outcomes: list[StageOutcome] = []
+        self._records, self._gate_events, self.summary_document = {}, {}, None
         with self.run_dir as rd:
             lock = rd.read_lock()
             actions = self.plan(lock)
@@ -237,27 +181,104 @@ class Runner:
             distributed.broadcast_object((actions, self._fingerprints))  # torchrun: the other ranks follow rank 0
             env = environment(self.device)
             env["world_size"] = self.world.size
+            # From here on the run directory changes, so however the run ends, summary.json records it.
             self._write_run_files(env)
-            records: dict[str, StageRecord] = {}
-            rd.event(None, "run_start", config=str(self.loaded.path), argv=sys.argv, plan=actions)
-            for node in self.nodes:
-                fp = self._fingerprints[node.name]
-                stage_dir = rd.stage_dir(node.name)
-                action = actions[node.name]
-                if action != "run":
-                    if lock.get(node.name, {}).get("fingerprint") == fp:
-                        records[node.name] = self._record(node, stage_dir)
-                    if action == "skip":
-                        outcome = StageOutcome(node.name, node.type, "skipped", summary="up to date")
-                        outcome.metrics = records[node.name].metrics
-                        rd.event(node.name, "stage_skip", fingerprint=fp)
-                        self._report(outcome, outcomes)
-                    continue
-                outcome = self._run_stage(node, fp, stage_dir, records, env, lock)
-                distributed.barrier()  # the other ranks trained with this stage or waited for it
-                self._report(outcome, outcomes)
-            rd.event(None, "run_end", seconds=time.perf_counter() - t_start)
+            error: BaseException | None = None
+            tracker = None
+            try:
+                tracker = self._start_tracking(rd)
+                rd.event(None, "run_start", config=str(self.loaded.path), argv=sys.argv, plan=actions)
+                self._run_nodes(actions, lock, env, outcomes)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self._finish(rd, outcomes, error, tracker, started_at, time.perf_counter() - t_start)
         return RunSummary(rd.root, outcomes, time.perf_counter() - t_start)
+
+    def _run_nodes(
+        self, actions: dict[str, str], lock: dict[str, Any], env: dict[str, Any], out: list[StageOutcome]
+    ) -> None:
+        rd, records, outcomes = self.run_dir, self._records, out
+        for node in self.nodes:
+            fp = self._fingerprints[node.name]
+            stage_dir = rd.stage_dir(node.name)
+            action = actions[node.name]
+            if action != "run":
+                if lock.get(node.name, {}).get("fingerprint") == fp:
+                    records[node.name] = self._record(node, stage_dir)
+                if action == "skip":
+                    outcome = StageOutcome(node.name, node.type, "skipped", summary="up to date")
+                    outcome.metrics = records[node.name].metrics
+                    rd.event(node.name, "stage_skip", fingerprint=fp, metrics=outcome.metrics)
+                    self._report(outcome, outcomes)
+                continue
+            t0 = time.perf_counter()
+            try:
+                outcome = self._run_stage(node, fp, stage_dir, records, env, lock)
+            except BaseException as exc:
+                message = exc.message if isinstance(exc, KdpipeError) else f"{type(exc).__name__}: {exc}"
+                outcomes.append(StageOutcome(node.name, node.type, "failed", time.perf_counter() - t0, error=message))
+                raise
+            distributed.barrier()  # the other ranks trained with this stage or waited for it
+            self._report(outcome, outcomes)
+
+    def _start_tracking(self, rd: RunDir) -> Tracker | None:
+        """Event sinks: the gate_failed events the summary reports, and experiment tracking when configured."""
+
+        def keep_gate_event(record: dict[str, Any]) -> None:
+            if record.get("event") == "gate_failed" and isinstance(record.get("stage"), str):
+                self._gate_events[record["stage"]] = record
+
+        rd.sinks = [keep_gate_event]
+        tracker = Tracker.create(self.loaded, rd.root)
+        if tracker is not None:
+            resolved = self.loaded.config.model_dump(mode="json")
+            tracker.start(resolved, yaml.safe_dump(resolved, sort_keys=False))
+            rd.sinks.append(tracker.on_event)
+        return tracker
+
+    def _finish(
+        self,
+        rd: RunDir,
+        outcomes: list[StageOutcome],
+        error: BaseException | None,
+        tracker: Tracker | None,
+        started_at: float,
+        seconds: float,
+    ) -> None:
+        """Record how the run ended: the run_end event, summary.json, tracking's artifacts and status. After a failure
+        nothing here may hide that failure, so a problem recording it is only a warning then."""
+        code = summary.exit_code_of(error)
+        try:
+            rd.event(None, "run_end", seconds=seconds, status=summary.status_of(code), exit_code=code)
+            doc = summary.document(
+                name=self.loaded.config.name,
+                config=self.loaded.path,
+                run_dir=rd.root,
+                stages=summary.stage_entries(rd.root, self.nodes, outcomes, self._records, self._gate_events, error),
+                error=error,
+                started_at=started_at,
+                finished_at=time.time(),
+                seconds=seconds,
+                tracking=tracker.info() if tracker is not None else None,
+            )
+            self.summary_document = doc
+            atomic_write_json(rd.root / summary.SUMMARY_FILE, doc)
+            if tracker is not None:
+                training = {n.name for n in self.nodes if n.stage_cls.data_parallel}
+                tracker.log_artifacts(summary.stage_files(rd.root, self._records, self._gate_events), training,
+                                      [rd.root / f for f in summary.RUN_FILES])  # fmt: skip
+                tracker.finish(doc["status"], code)
+                if tracker.info() != doc["tracking"]:  # a backend failed at the end: say so in the summary
+                    doc["tracking"] = tracker.info()
+                    atomic_write_json(rd.root / summary.SUMMARY_FILE, doc)
+        except Exception as exc:
+            if error is None:
+                raise
+            log.warning("could not record the end of the run in %s: %s", rd.root, exc)
+        finally:
+            rd.sinks = []
 
     def _run_worker(self) -> RunSummary:
         """A rank other than 0 of a torchrun job: follow rank 0's plan, train the data-parallel stages' shards

@@ -13,6 +13,7 @@ import torch
 from kdpipe.config import LoadedConfig, StageConfig
 from kdpipe.errors import StageError
 from kdpipe.progress import NullProgress, Progress
+from kdpipe.requirements import Requirement
 
 if TYPE_CHECKING:
     from kdpipe.data import Splits
@@ -119,8 +120,15 @@ class Stage:
         return ()
 
     @classmethod
+    def requirements(cls, name: str, config: Any, loaded: LoadedConfig) -> list[Requirement]:
+        """What this stage's config needs from the machine (libraries, CUDA), met or not. The engine refuses to start
+        while a fatal one is missing; ``kdpipe doctor`` lists them all."""
+        return []
+
+    @classmethod
     def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:
-        """Checks that need more than the config's own fields (files, installed libraries). Raise KdpipeErrors."""
+        """Checks that need more than the config's own fields (files, opsets). Raise KdpipeErrors. Installed
+        libraries are declared in :meth:`requirements` instead."""
 
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx

@@ -16,9 +16,10 @@ import torch
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
 from kdpipe.bench import BenchTarget, run_benchmark, write_report
-from kdpipe.config import StageConfig
-from kdpipe.errors import StageError
+from kdpipe.config import LoadedConfig, StageConfig
+from kdpipe.errors import ConfigError, StageError
 from kdpipe.registry import BACKENDS, STAGES
+from kdpipe.requirements import Requirement, cuda_available, from_check, needs_cuda
 from kdpipe.stages.base import Stage, StageRecord, StageResult
 from kdpipe.stages.common import load_stage_model
 
@@ -49,7 +50,10 @@ class BenchmarkConfig(StageConfig):
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
         for name in value:
-            BACKENDS.get(name)  # raises a ConfigError with did-you-mean
+            try:
+                BACKENDS.get(name)  # raises a ConfigError with did-you-mean
+            except ConfigError as exc:  # as a ValueError, pydantic reports it at its file:line and field
+                raise ValueError(exc.message) from None
         return value
 
 
@@ -82,6 +86,40 @@ class BenchmarkStage(Stage):
     @classmethod
     def requires(cls, config: Any) -> tuple[str, ...]:
         return ("model",)
+
+    @classmethod
+    def requirements(cls, name: str, config: Any, loaded: LoadedConfig) -> list[Requirement]:
+        """Each backend's library (``Backend.check_available``) and, when the benchmark runs on the GPU, CUDA and
+        onnxruntime's CUDA execution provider. None is fatal: a backend missing at run time is an error row, and
+        onnxruntime without CUDA falls back to the CPU (noted in the report)."""
+        field, where = f"stages.{name}.backends", loaded.where(("stages", name, "backends"))
+        reqs = [
+            from_check(backend, BACKENDS.get(backend).check_available, field=field, where=where, fatal=False)
+            for backend in config.backends
+        ]
+        if config.device == "cuda":
+            reqs.append(
+                needs_cuda(
+                    field=f"stages.{name}.device",
+                    where=loaded.where(("stages", name, "device")),
+                    value="cuda",
+                    fatal=False,
+                )
+            )
+        pipeline_device = str(loaded.config.device)
+        on_gpu = config.device == "cuda" or (
+            config.device == "auto"
+            and (pipeline_device.startswith("cuda") or (pipeline_device == "auto" and cuda_available()))
+        )
+        if "tensorrt" in config.backends and config.device == "cpu":
+            message = f"{field}: 'tensorrt' runs engines on the GPU, but stages.{name}.device is 'cpu'"
+            reqs.append(Requirement("CUDA", field, where, False, message, "set device: auto or cuda", fatal=False))
+        elif "tensorrt" in config.backends and not on_gpu:
+            reqs.append(needs_cuda(field=field, where=where, value="tensorrt", fatal=False))
+        onnxruntime_ok = any(r.what == "onnxruntime" and r.available for r in reqs)
+        if on_gpu and onnxruntime_ok:
+            reqs.append(cuda_provider_requirement(field, where))
+        return reqs
 
     def run(self) -> StageResult:
         ctx, cfg = self.ctx, self.config
@@ -122,6 +160,24 @@ class BenchmarkStage(Stage):
             summary=summary,
             info={"cells": rows},
         )
+
+
+def cuda_provider_requirement(field: str, where: str) -> Requirement:
+    """onnxruntime's CUDA execution provider (onnxruntime-gpu), asked for by ``field``."""
+    from kdpipe.exports.runtime import onnx_providers
+
+    providers = onnx_providers()
+    ok = "CUDAExecutionProvider" in providers
+    message = (
+        ""
+        if ok
+        else (
+            f"{field}: 'onnxruntime' on the GPU needs onnxruntime's CUDAExecutionProvider, which this onnxruntime "
+            f"build lacks (it has {', '.join(providers)}); it would run on the CPU"
+        )
+    )
+    hint = "" if ok else "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
+    return Requirement("onnxruntime CUDAExecutionProvider", field, where, ok, message, hint, fatal=False)
 
 
 def copy_plot(record: StageRecord, dest: Path) -> Path | None:

@@ -16,6 +16,7 @@ from kdpipe.data import BatchLoader, Splits, TensorSplit
 from kdpipe.data.stream import FileSplit, StreamLoader, make_loader
 from kdpipe.distill.methods.base import KDMethod
 from kdpipe.distill.trainer import Precision, Trainer, TrainResult
+from kdpipe.fileio import write_error
 from kdpipe.models.factory import count_params, create_model, load_weights, save_weights
 from kdpipe.stages.base import StageContext, StageRecord
 
@@ -43,25 +44,25 @@ def save_stage_model(ctx: StageContext, model: nn.Module, model_name: str, role:
     if not ctx.is_main:
         return file
     splits = ctx.data()
-    (ctx.dir / file).parent.mkdir(parents=True, exist_ok=True)
-    save_weights(
-        model,
-        ctx.dir / file,
-        metadata={
-            "arch": model_name,
-            "role": role,
-            "num_classes": str(splits.num_classes),
-            "in_chans": str(splits.in_chans),
-            "image_size": str(splits.image_size),
-            "mean": ",".join(f"{v:.6f}" for v in splits.mean),
-            "std": ",".join(f"{v:.6f}" for v in splits.std),
-            "run": ctx.pipeline.name,
-            "stage": ctx.name,
-            "fingerprint": ctx.fingerprint,
-            "seed": str(ctx.seed),
-            **{key: str(ctx.environment.get(key, "")) for key in ("kdpipe", "torch", "timm", "git_sha")},
-        },
-    )
+    metadata = {
+        "arch": model_name,
+        "role": role,
+        "num_classes": str(splits.num_classes),
+        "in_chans": str(splits.in_chans),
+        "image_size": str(splits.image_size),
+        "mean": ",".join(f"{v:.6f}" for v in splits.mean),
+        "std": ",".join(f"{v:.6f}" for v in splits.std),
+        "run": ctx.pipeline.name,
+        "stage": ctx.name,
+        "fingerprint": ctx.fingerprint,
+        "seed": str(ctx.seed),
+        **{key: str(ctx.environment.get(key, "")) for key in ("kdpipe", "torch", "timm", "git_sha")},
+    }
+    try:
+        (ctx.dir / file).parent.mkdir(parents=True, exist_ok=True)
+        save_weights(model, ctx.dir / file, metadata=metadata)
+    except OSError as exc:  # disk full, read-only: a write error naming the file (exit 5), not a stage "crash"
+        raise write_error(ctx.dir / file, exc) from exc
     return file
 
 

@@ -9,7 +9,6 @@ after the report is written.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,6 +22,7 @@ from kdpipe.data import normalize
 from kdpipe.errors import ConfigError, GateFailed
 from kdpipe.fileio import atomic_write_json
 from kdpipe.registry import FORMATS, STAGES
+from kdpipe.requirements import Requirement, needs_cuda, needs_module
 from kdpipe.stages.base import Stage, StageResult
 from kdpipe.stages.common import load_stage_model
 
@@ -140,15 +140,16 @@ class ExportStage(Stage):
         return ("model",)
 
     @classmethod
-    def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:
+    def requirements(cls, name: str, config: Any, loaded: LoadedConfig) -> list[Requirement]:
         fmt: FormatInfo = FORMATS.get(config.format)
-        where = loaded.where(("stages", name, "format"))
-        missing = [lib for lib in fmt.requires if importlib.util.find_spec(lib) is None]
-        if missing:
-            raise ConfigError(
-                f"{where}: stages.{name}.format: {config.format!r} needs {', '.join(missing)}, which is not installed",
-                hint=fmt.hint,
-            )
+        field, where = f"stages.{name}.format", loaded.where(("stages", name, "format"))
+        reqs = [needs_module(lib, field=field, where=where, value=config.format, hint=fmt.hint) for lib in fmt.requires]
+        if config.format == "tensorrt":  # TensorRT builds and runs engines on a GPU only
+            reqs.append(needs_cuda(field=field, where=where, value=config.format))
+        return reqs
+
+    @classmethod
+    def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:
         from kdpipe.exports import check_opset
 
         try:
@@ -162,11 +163,11 @@ class ExportStage(Stage):
         from kdpipe.exports import (
             ParityTolerance,
             Preprocessing,
-            check_parity,
             convert_fp16,
             create_onnx_session,
             export_onnx,
             measure_parity,
+            parity_gates,
             quantize_int8,
             run_onnx,
         )
@@ -244,8 +245,15 @@ class ExportStage(Stage):
             batch = 256
         report = measure_parity(model, run_exported, images, labels, batch_size=batch)
         gates = tolerances(cfg)
-        failures = check_parity(report, ParityTolerance(**gates), label=f"{ctx.name} ({cfg.format})")
-        parity = {**report.to_dict(), "tolerances": gates, "passed": not failures, "failures": failures}
+        outcomes = parity_gates(report, ParityTolerance(**gates), label=f"{ctx.name} ({cfg.format})")
+        failures = [g["message"] for g in outcomes if not g["passed"]]
+        parity = {
+            **report.to_dict(),
+            "tolerances": gates,
+            "passed": not failures,
+            "failures": failures,
+            "gates": outcomes,
+        }
         atomic_write_json(ctx.dir / "parity.json", parity)
         if failures:
             ctx.event("gate_failed", parity=parity)

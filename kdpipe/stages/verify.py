@@ -77,7 +77,7 @@ class VerifyStage(Stage):
         atomic_write_json(ctx.dir / "report.json", report)
         failed = [g for g in gates if not g["passed"]]
         if failed:
-            ctx.event("gate_failed", gates=failed)
+            ctx.event("gate_failed", gates=gates, failed=[g["name"] for g in failed])
             raise GateFailed("verify: " + "; ".join(g["message"] for g in failed))
         metrics["gates_passed"] = len(gates)
         return StageResult(

@@ -1,0 +1,109 @@
+"""Config overrides: ``--set key.path=value`` on the command line, and ``KDPIPE_SET_<PATH>=value`` in the
+environment for orchestrators that configure a container through its variables.
+
+An environment override names its key path after the prefix with ``__`` (two underscores) between keys, and the
+path is lower-cased: ``KDPIPE_SET_STAGES__DISTILL__TRAIN__EPOCHS=3`` is ``--set stages.distill.train.epochs=3``.
+Because variable names are conventionally upper-case and cannot hold ``-``, each key of the path also matches an
+existing key of the stages.yaml that differs only in case or in ``-`` for ``_`` (a stage named ``Distill-Fast`` is
+reached by ``KDPIPE_SET_STAGES__DISTILL_FAST__...``). Values are YAML, as with ``--set``. Environment overrides are
+applied first, in the order of their variable names, then the command line's, so ``--set`` wins. Every error names
+the variable (or the ``--set`` argument) it came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from kdpipe.errors import ConfigError
+from kdpipe.yamlio import load_value
+
+ENV_PREFIX = "KDPIPE_SET_"
+_ENV_EXAMPLE = "e.g. KDPIPE_SET_STAGES__DISTILL__TRAIN__EPOCHS=3"
+
+
+@dataclass(frozen=True)
+class Override:
+    """One assignment of a config value, with where it came from (for error messages)."""
+
+    parts: tuple[str, ...]
+    """The key path, e.g. ("stages", "distill", "train", "epochs")."""
+    value: str
+    """The value as written (parsed as YAML when applied)."""
+    source: str
+    """How the user wrote it: ``--set 'a.b=1'`` or the environment variable's name."""
+    fold_case: bool = False
+    """Match existing keys ignoring case and ``-`` vs ``_`` (environment variables)."""
+
+
+def parse_set(assignment: str) -> Override:
+    """An override from a ``--set key.path=value`` argument."""
+    source = f"--set {assignment!r}"
+    if "=" not in assignment:
+        raise ConfigError(f"{source}: expected key.path=value, e.g. --set stages.distill.train.epochs=5")
+    key, _, value = assignment.partition("=")
+    parts = tuple(p for p in key.strip().split(".") if p)
+    if not parts:
+        raise ConfigError(f"{source}: the key is empty")
+    return Override(parts, value, source)
+
+
+def from_env(environ: Mapping[str, str]) -> list[Override]:
+    """The ``KDPIPE_SET_*`` overrides in ``environ``, sorted by variable name."""
+    overrides = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :]
+        parts = tuple(rest.lower().split("__"))
+        if not rest or any(not p for p in parts):
+            raise ConfigError(
+                f"{name}: not a key path; name the keys after {ENV_PREFIX} with __ between them, {_ENV_EXAMPLE}"
+            )
+        overrides.append(Override(parts, environ[name], name, fold_case=True))
+    return overrides
+
+
+def _match_key(node: dict[str, Any], part: str, fold_case: bool) -> str:
+    if part in node or not fold_case:
+        return part
+    matches = [k for k in node if isinstance(k, str) and k.lower().replace("-", "_") == part.replace("-", "_")]
+    return matches[0] if len(matches) == 1 else part
+
+
+def apply_override(data: dict[str, Any], override: Override | str) -> tuple[str, ...]:
+    """Apply one override to the parsed YAML in place; return the key path it set (with the file's spelling)."""
+    if isinstance(override, str):
+        override = parse_set(override)
+    try:
+        value = load_value(override.value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{override.source}: the value is not valid YAML: {exc}") from exc
+    node: Any = data
+    path: list[str] = []
+    for part in override.parts[:-1]:
+        key = _match_key(node, part, override.fold_case)
+        path.append(key)
+        nxt = node.get(key)
+        if nxt is None:
+            nxt = node[key] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{override.source}: {'.'.join(path)} is a value, not a mapping")
+        node = nxt
+    last = _match_key(node, override.parts[-1], override.fold_case)
+    node[last] = value
+    return (*path, last)
+
+
+def source_of(loc: tuple[str | int, ...], applied: Iterable[tuple[tuple[str, ...], str]]) -> str | None:
+    """The source of the last applied override that set ``loc`` or a mapping above it. A validation error's
+    location may hold tags pydantic inserts (a stage's type), so the override's keys must appear in order in it."""
+    found = None
+    for keys, source in applied:
+        it = iter(str(p) for p in loc)
+        if loc and str(loc[0]) == keys[0] and all(any(k == p for p in it) for k in keys):
+            found = source
+    return found

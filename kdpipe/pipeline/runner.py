@@ -27,8 +27,9 @@ import kdpipe
 from kdpipe import distributed
 from kdpipe.config import LoadedConfig
 from kdpipe.data import Splits, create_splits
+from kdpipe.data.cache import file_identity
 from kdpipe.errors import ConfigError, GateFailed, KdpipeError, StageError
-from kdpipe.fileio import atomic_write_json, atomic_write_text, sha256_json
+from kdpipe.fileio import WriteError, atomic_write_json, atomic_write_text, sha256_json
 from kdpipe.pipeline import summary
 from kdpipe.pipeline.checks import preflight
 from kdpipe.pipeline.checks import requirements as requirements  # re-exported beside preflight
@@ -78,9 +79,27 @@ def fingerprint(node: Node, loaded: LoadedConfig, upstream_fps: dict[str, str]) 
             # How batches are read (memory or stream, workers) does not change them: not part of the fingerprint.
             "data": cfg.data.model_dump(mode="json", exclude={"loader", "workers", "prefetch"}),
             "seed": cfg.seed,
+            "inputs": [_file_identity(path) for path in node.stage_cls.input_files(node.config)],
             "versions": {"kdpipe": kdpipe.__version__, "torch": torch.__version__, "timm": timm.__version__},
         }
     )
+
+
+def _best_effort(write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Bookkeeping after a stage failed (its event, error.log): on a full or read-only disk it fails too, and the
+    stage's own error, which names the file that failed first, must be the one the user sees."""
+    try:
+        write(*args, **kwargs)
+    except (WriteError, OSError) as exc:
+        log.warning("could not record the failure (%s)", exc)
+
+
+def _file_identity(path: Path) -> str:
+    """Path, size and modification time of an input file (a missing one is caught by the stage's preflight)."""
+    try:
+        return file_identity(Path(path))
+    except OSError:
+        return f"missing:{path}"
 
 
 class Runner:
@@ -362,17 +381,17 @@ class Runner:
         try:
             result = node.stage_cls(ctx).run()
         except GateFailed as exc:
-            rd.event(node.name, "stage_fail", error=str(exc), exit_code=exc.exit_code)
+            _best_effort(rd.event, node.name, "stage_fail", error=str(exc), exit_code=exc.exit_code)
             raise
         except KdpipeError as exc:
-            rd.event(node.name, "stage_fail", error=str(exc), exit_code=exc.exit_code)
+            _best_effort(rd.event, node.name, "stage_fail", error=str(exc), exit_code=exc.exit_code)
             if not exc.message.startswith(f"stage {node.name!r}"):
                 exc.message = f"stage {node.name!r} ({node.type}): {exc.message}"
             raise
         except Exception as exc:
             log_path = stage_dir / "error.log"
-            atomic_write_text(log_path, traceback.format_exc())
-            rd.event(node.name, "stage_fail", error=repr(exc), exit_code=5)
+            _best_effort(atomic_write_text, log_path, traceback.format_exc())
+            _best_effort(rd.event, node.name, "stage_fail", error=repr(exc), exit_code=5)
             raise StageError(
                 f"stage {node.name!r} ({node.type}) crashed: {type(exc).__name__}: {exc}",
                 hint=f"full traceback in {log_path}",

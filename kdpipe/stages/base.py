@@ -126,6 +126,12 @@ class Stage:
         return []
 
     @classmethod
+    def input_files(cls, config: Any) -> list[Path]:
+        """Files outside the run directory this stage reads (e.g. a teacher checkpoint): their identity (size and
+        modification time) is part of the stage's fingerprint, so a file replaced in place reruns the stage."""
+        return []
+
+    @classmethod
     def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:
         """Checks that need more than the config's own fields (files, opsets). Raise KdpipeErrors. Installed
         libraries are declared in :meth:`requirements` instead."""

@@ -73,6 +73,11 @@ class TeacherStage(Stage):
     config: TeacherConfig
 
     @classmethod
+    def input_files(cls, config: Any) -> list[Path]:
+        ckpt = config.weights.checkpoint if config.weights is not None else None
+        return [ckpt] if ckpt is not None else []
+
+    @classmethod
     def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:
         ckpt = config.weights.checkpoint if config.weights is not None else None
         if ckpt is not None and not ckpt.is_file():

@@ -148,11 +148,6 @@ def test_damaged_teacher_checkpoint_is_refused(tmp_path: Path) -> None:
     assert mentions(output, "hint: copy the file again")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug (docs/reliability.md): a stage's fingerprint covers the checkpoint's path, not its content, so "
-    "a teacher checkpoint replaced in place leaves the old teacher looking up to date",
-)
 def test_replaced_teacher_checkpoint_reruns_the_teacher(tmp_path: Path) -> None:
     checkpoint = tmp_path / "teacher.pt"
     config = tmp_path / "stages.yaml"

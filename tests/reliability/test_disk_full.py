@@ -128,11 +128,6 @@ def test_read_only_output_at_each_kind_of_write(
     _fail_and_recover(config, reference, tmp_path / "run", monkeypatch, spec)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug (docs/reliability.md): on a disk that stays full, the runner's own stage_fail event write fails "
-    "too and its error (naming events.jsonl) replaces the stage's (naming the checkpoint)",
-)
 def test_disk_full_error_names_the_file_that_failed(
     quick: tuple[Path, Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -71,50 +71,41 @@ def eval_split(splits: Splits) -> TensorSplit | FileSplit:
     return splits.val if splits.val is not None and len(splits.val) > 0 else splits.test
 
 
-def create_loaders(ctx: StageContext, train: TrainConfig) -> tuple[Loader, Loader]:
-    """The train loader (this rank's shard of every global batch under torchrun) and the eval loader (whole); a
-    streamed split (``data.loader: stream``) gets DataLoader workers."""
-    splits = ctx.data()
-    data_cfg = ctx.pipeline.data
-    world = distributed.world()
-    stream = {"workers": data_cfg.workers, "prefetch": data_cfg.prefetch}
-    train_loader = make_loader(
-        splits.train,
-        batch_size=train.batch_size,
-        train=True,
-        augment=data_cfg.augment,
-        seed=ctx.seed,
-        mean=splits.mean,
-        std=splits.std,
-        device=ctx.device,
-        rank=world.rank,
-        world_size=world.size,
-        **stream,
-    )
-    eval_loader = make_loader(
-        eval_split(splits),
-        batch_size=max(train.batch_size, 256),
-        train=False,
-        mean=splits.mean,
-        std=splits.std,
-        device=ctx.device,
-    )
-    return train_loader, eval_loader
-
-
-def test_loader(ctx: StageContext, batch_size: int = 256) -> Loader:
-    splits = ctx.data()
-    data_cfg = ctx.pipeline.data
+def _loader(ctx: StageContext, split: TensorSplit | FileSplit, **kwargs: Any) -> Loader:
+    """A loader over ``split`` with the run's normalisation, device and (for a streamed split) DataLoader workers."""
+    splits, data_cfg = ctx.data(), ctx.pipeline.data
     return make_loader(
-        splits.test,
-        batch_size=batch_size,
-        train=False,
+        split,
         mean=splits.mean,
         std=splits.std,
         device=ctx.device,
         workers=data_cfg.workers,
         prefetch=data_cfg.prefetch,
+        **kwargs,
     )
+
+
+def create_loaders(ctx: StageContext, train: TrainConfig) -> tuple[Loader, Loader]:
+    """The train loader (this rank's shard of every global batch under torchrun) and the eval loader (whole); a
+    streamed split (``data.loader: stream``) gets DataLoader workers."""
+    splits = ctx.data()
+    world = distributed.world()
+    train_loader = _loader(
+        ctx,
+        splits.train,
+        batch_size=train.batch_size,
+        train=True,
+        augment=ctx.pipeline.data.augment,
+        seed=ctx.seed,
+        rank=world.rank,
+        world_size=world.size,
+    )
+    eval_loader = _loader(ctx, eval_split(splits), batch_size=max(train.batch_size, 256), train=False)
+    return train_loader, eval_loader
+
+
+def test_loader(ctx: StageContext, batch_size: int = 256) -> Loader:
+    return _loader(ctx, ctx.data().test, batch_size=batch_size, train=False)
 
 
 def model_facts(model: nn.Module, model_name: str) -> dict[str, Any]:

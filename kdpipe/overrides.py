@@ -107,3 +107,16 @@ def source_of(loc: tuple[str | int, ...], applied: Iterable[tuple[tuple[str, ...
         if loc and str(loc[0]) == keys[0] and all(any(k == p for p in it) for k in keys):
             found = source
     return found
+
+
+def flatten(value: Mapping[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of key paths, the inverse of what :func:`apply_override` walks:
+    ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; an empty mapping stays a value."""
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(item, Mapping) and item:
+            out.update(flatten(item, sep, name))
+        else:
+            out[name] = item
+    return out

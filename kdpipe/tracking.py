@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import kdpipe
 from kdpipe.config import LoadedConfig, MlflowConfig, TensorBoardConfig
+from kdpipe.overrides import flatten
 from kdpipe.requirements import Requirement, needs_module
 
 log = logging.getLogger(__name__)
@@ -44,18 +45,6 @@ def requirements(loaded: LoadedConfig) -> list[Requirement]:
             where = loaded.where(("tracking", backend))
             reqs.append(needs_module(module, field=f"tracking.{backend}", where=where, value=None, hint=INSTALL_HINT))
     return reqs
-
-
-def flatten(value: Mapping[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as one level: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        name = f"{prefix}{sep}{key}" if prefix else str(key)
-        if isinstance(item, Mapping) and item:
-            out.update(flatten(item, sep, name))
-        else:
-            out[name] = item
-    return out
 
 
 def params_of(config: Mapping[str, Any]) -> dict[str, str]:

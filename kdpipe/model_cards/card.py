@@ -35,6 +35,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from kdpipe.errors import StageError
 from kdpipe.fileio import WriteError, atomic_open
+from kdpipe.overrides import flatten
 
 logger = logging.getLogger(__name__)
 
@@ -324,16 +325,6 @@ def _fmt_value(value: Any) -> str:
     return str(value)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -345,7 +336,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _key_value_table(d: dict[str, Any], header: tuple[str, str] = ("setting", "value")) -> str:
-    flat = _flatten(d)
+    flat = flatten(d)
     if not flat:
         return "_none recorded_"
     return _table(list(header), [[f"`{k}`", _fmt_value(v)] for k, v in flat.items()])

@@ -131,6 +131,44 @@ def resolve_root(cfg: DataConfig, base_dir: Path, *, must_exist: bool = False) -
     return root
 
 
+# torchvision's folder of pickled batches under a CIFAR data.root
+_CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+def data_identity(cfg: DataConfig, base_dir: Path) -> str | None:
+    """What the files behind ``cfg`` are, for stage fingerprints: a dataset changed in place reruns the stages.
+
+    An archive is its path, size and modification time; a folder the relative path, size and modification time of
+    every file it holds (one ``stat`` each: seconds for an ImageNet-size tree, and no file is read). Bundled and
+    generated kinds (digits, synthetic) have no files: None. A missing root is reported as such; the stage that
+    reads it fails with the real error.
+    """
+    root = resolve_root(cfg, base_dir)
+    if root is None:
+        return None
+    if not root.exists():
+        return f"missing:{root}"
+    if cfg.kind == "imagefolder":
+        from kdpipe.data.archive import open_image_source
+
+        source = open_image_source(root)
+        try:
+            return source.identity()
+        finally:
+            source.close()
+    from kdpipe.data import cache
+
+    if root.is_file():
+        return cache.file_identity(root)
+    batches = _CIFAR_FOLDERS.get(cfg.kind)
+    if batches is not None and root.name != batches and (root / batches).is_dir():
+        root = root / batches  # only the batch files, not everything else kept beside them
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return cache.listing_identity(
+        root, [(p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    )
+
+
 def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split sample indices into ``(keep, holdout)`` with ``round(fraction * N)`` held out, stratified by label.
 

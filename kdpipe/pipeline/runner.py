@@ -28,6 +28,7 @@ from kdpipe import distributed
 from kdpipe.config import LoadedConfig
 from kdpipe.data import Splits, create_splits
 from kdpipe.data.cache import file_identity
+from kdpipe.data.splits import data_identity
 from kdpipe.errors import ConfigError, GateFailed, KdpipeError, StageError
 from kdpipe.fileio import WriteError, atomic_write_json, atomic_write_text, sha256_json
 from kdpipe.pipeline import summary
@@ -69,7 +70,8 @@ def default_run_dir(loaded: LoadedConfig) -> Path:
     return Path("runs") / loaded.config.name
 
 
-def fingerprint(node: Node, loaded: LoadedConfig, upstream_fps: dict[str, str]) -> str:
+def fingerprint(node: Node, loaded: LoadedConfig, upstream_fps: dict[str, str], data_files: str | None = None) -> str:
+    """What a stage's result depends on. ``data_files`` is :func:`kdpipe.data.splits.data_identity` of the run."""
     cfg = loaded.config
     return sha256_json(
         {
@@ -78,6 +80,7 @@ def fingerprint(node: Node, loaded: LoadedConfig, upstream_fps: dict[str, str]) 
             "needs": {dep: upstream_fps[dep] for dep in node.needs},
             # How batches are read (memory or stream, workers) does not change them: not part of the fingerprint.
             "data": cfg.data.model_dump(mode="json", exclude={"loader", "workers", "prefetch"}),
+            "data_files": data_files,
             "seed": cfg.seed,
             "inputs": [_file_identity(path) for path in node.stage_cls.input_files(node.config)],
             "versions": {"kdpipe": kdpipe.__version__, "torch": torch.__version__, "timm": timm.__version__},
@@ -157,8 +160,9 @@ class Runner:
         forced = downstream_of(self.nodes, self.from_stage) if self.from_stage else set()
         actions: dict[str, str] = {}
         fps: dict[str, str] = {}
+        data_files = data_identity(self.loaded.config.data, self.loaded.base_dir)
         for node in self.nodes:
-            fps[node.name] = fp = fingerprint(node, self.loaded, fps)
+            fps[node.name] = fp = fingerprint(node, self.loaded, fps, data_files)
             entry = lock.get(node.name)
             up_to_date = (
                 entry is not None

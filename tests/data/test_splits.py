@@ -10,7 +10,7 @@ import torch
 
 from kdpipe.config import DataConfig
 from kdpipe.data import Splits, TensorSplit, channel_stats, create_splits, derive_seed, resolve_root
-from kdpipe.data.splits import stratified_holdout
+from kdpipe.data.splits import data_identity, stratified_holdout
 from kdpipe.errors import DataError
 
 
@@ -142,3 +142,21 @@ def test_derive_seed_is_stable_and_separates_purposes() -> None:
     assert derive_seed(0, "shuffle", 1) == derive_seed(0, "shuffle", 1)
     assert len({derive_seed(0, "shuffle", 1), derive_seed(0, "augment", 1), derive_seed(1, "shuffle", 0)}) == 3
     assert 0 <= derive_seed(2**40, "x") < 2**63
+
+
+def test_data_identity_follows_the_files(tmp_path: Path) -> None:
+    """The fingerprint's view of data.root: None for bundled data, the CIFAR batch files (not their neighbours),
+    and a change in one file's content changes it."""
+    assert data_identity(DataConfig(kind="digits"), tmp_path) is None
+    assert data_identity(DataConfig(kind="cifar10", root=Path("nowhere")), tmp_path) == f"missing:{tmp_path}/nowhere"
+
+    batches = tmp_path / "data" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    (batches / "data_batch_1").write_bytes(b"a" * 10)
+    cfg = DataConfig(kind="cifar10", root=Path("data"))
+    first = data_identity(cfg, tmp_path)
+    (tmp_path / "data" / "unrelated.bin").write_bytes(b"x")  # beside the batches folder: not part of the dataset
+    assert data_identity(cfg, tmp_path) == first
+    (batches / "data_batch_1").write_bytes(b"b" * 11)
+    assert data_identity(cfg, tmp_path) != first
+    assert data_identity(DataConfig(kind="cifar10", root=batches), tmp_path) == data_identity(cfg, tmp_path)

@@ -162,3 +162,62 @@ def test_interrupted_run_resumes_to_identical_weights(tiny: tuple[Path, Path], t
         b = load_file(rd / name / "model.safetensors")
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} weights differ after resume"
+
+
+FOLDER_CONFIG = """
+name: folder
+seed: 0
+device: cpu
+data: {{kind: imagefolder, root: {root}, image_size: 8, augment: none, val_fraction: 0.0, cache_dir: {cache}}}
+stages:
+  teacher:
+    type: teacher
+    model: resnet8
+    weights: {{train: {{epochs: 1, batch_size: 16, lr: 0.05}}}}
+  distill:
+    type: distill
+    student: resnet8
+    method: {{name: kd}}
+    train: {{epochs: 1, batch_size: 16, lr: 0.05}}
+"""
+
+
+def _write_pngs(root: Path, count: int) -> None:
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for i in range(count):
+        folder = root / ("train" if i < count * 3 // 4 else "test") / str(i % 2)
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = torch.randint(0, 256, (8, 8), dtype=torch.uint8, generator=gen).numpy()
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+
+
+@pytest.mark.parametrize("layout", ["folder", "tar"])
+def test_data_changed_in_place_reruns_stages(layout: str, write_config: Callable[..., Path], tmp_path: Path) -> None:
+    """The fingerprint covers the data files, not just data.*: an image rewritten under the same name (or an
+    archive rebuilt under the same path) reruns every stage; an untouched dataset still skips them all."""
+    import os
+    import tarfile
+
+    folder = tmp_path / "images"
+    _write_pngs(folder, 40)
+    root = folder
+    if layout == "tar":
+        root = tmp_path / "images.tar"
+        with tarfile.open(root, "w") as tar:
+            tar.add(folder, arcname="images")
+    path = write_config(FOLDER_CONFIG.format(root=root, cache=tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    assert set(statuses(run(path, run_dir)).values()) == {"ran"}
+    assert set(statuses(run(path, run_dir)).values()) == {"skipped"}
+
+    changed = folder / "train" / "0" / "000.png"
+    changed.write_bytes((folder / "train" / "0" / "002.png").read_bytes())  # same name, other image
+    if layout == "tar":
+        stat = root.stat()
+        with tarfile.open(root, "w") as tar:
+            tar.add(folder, arcname="images")
+        os.utime(root, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert statuses(run(path, run_dir)) == {"teacher": "ran", "distill": "ran"}
+    assert set(statuses(run(path, run_dir)).values()) == {"skipped"}

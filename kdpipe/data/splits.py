@@ -244,6 +244,33 @@ def _uint8_batches(split: TensorSplit | FileSplit, workers: int) -> Iterable[tor
     return (images for images, _ in DataLoader(split, batch_size=256, num_workers=workers))
 
 
+def _streamed_stats(
+    cfg: DataConfig, train: FileSplit, root: Path, cache_dir: Path | None, *, seed: int, base_dir: Path
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std of a streamed train split, through the dataset cache: measuring them decodes every train image,
+    which on an ImageNet-size folder takes longer than the run's other set-up. The key is the data files' identity
+    and everything that picks the train samples (size, subset, val_fraction, seed)."""
+    from kdpipe.data import cache
+
+    def build() -> dict[str, object]:
+        mean, std = channel_stats(_uint8_batches(train, cfg.workers))
+        return {"mean": torch.tensor(mean, dtype=torch.float64), "std": torch.tensor(std, dtype=torch.float64)}
+
+    identity = data_identity(cfg, base_dir)
+    assert identity is not None
+    payload = cache.load_or_build(
+        cache.resolve_cache_dir(cache_dir),
+        kind="imagefolder-stats",
+        source=root,
+        variant=f"size={cfg.image_size or 'native'}|subset={cfg.subset}|val={cfg.val_fraction}|seed={seed}",
+        identity=identity,
+        build=build,
+    )
+    mean_t, std_t = payload["mean"], payload["std"]
+    assert isinstance(mean_t, torch.Tensor) and isinstance(std_t, torch.Tensor)
+    return tuple(float(v) for v in mean_t), tuple(float(v) for v in std_t)
+
+
 def create_splits(cfg: DataConfig, *, seed: int, base_dir: Path) -> Splits:
     """Load the dataset ``cfg`` describes and return its train / val / test splits with normalisation statistics.
 
@@ -252,6 +279,10 @@ def create_splits(cfg: DataConfig, *, seed: int, base_dir: Path) -> Splits:
     ``data.cache_dir`` are resolved. Decoded images are cached (see ``kdpipe.data.cache``).
     """
     root = resolve_root(cfg, base_dir)
+    cache_dir = None
+    if cfg.cache_dir is not None:
+        cache_dir = cfg.cache_dir.expanduser()
+        cache_dir = cache_dir if cache_dir.is_absolute() else Path(base_dir) / cache_dir
     train: TensorSplit | FileSplit
     test: TensorSplit | FileSplit
     if cfg.loader == "stream":
@@ -261,10 +292,6 @@ def create_splits(cfg: DataConfig, *, seed: int, base_dir: Path) -> Splits:
         train, test, classes = build_file_splits(root, cfg.image_size)
         name = f"imagefolder:{root} (streamed)"
     else:
-        cache_dir = None
-        if cfg.cache_dir is not None:
-            cache_dir = cfg.cache_dir.expanduser()
-            cache_dir = cache_dir if cache_dir.is_absolute() else Path(base_dir) / cache_dir
         source = load_source(cfg, root, cache_dir=cache_dir)
         train = TensorSplit(source.train_images, source.train_labels)
         test = TensorSplit(source.test_images, source.test_labels)
@@ -278,7 +305,11 @@ def create_splits(cfg: DataConfig, *, seed: int, base_dir: Path) -> Splits:
     if cfg.val_fraction > 0:
         keep, held = stratified_holdout(train.labels, cfg.val_fraction, derive_seed(seed, "val"))
         train, val = train.select(keep), train.select(held)
-    mean, std = channel_stats(_uint8_batches(train, cfg.workers))
+    if not isinstance(train, TensorSplit):  # streamed
+        assert root is not None
+        mean, std = _streamed_stats(cfg, train, root, cache_dir, seed=seed, base_dir=base_dir)
+    else:
+        mean, std = channel_stats(_uint8_batches(train, cfg.workers))
     splits = Splits(
         train=train,
         val=val,

@@ -166,3 +166,42 @@ def test_a_second_iteration_ends_the_first(stream: tuple[FileSplit, FileSplit, l
     assert len(second) == len(streamed)
     with pytest.raises(RuntimeError, match="another iteration"):
         next(first)
+
+
+def test_streamed_train_stats_are_cached(
+    plain_tar: Path, memory: Splits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Measuring a streamed split's mean/std decodes every train image: it happens once per dataset identity and
+    train selection, and the cached values are the in-memory loader's."""
+    import os
+
+    from kdpipe.data import splits as splits_module
+
+    cfg = DataConfig(
+        kind="imagefolder",
+        root=plain_tar,
+        image_size=SIZE,
+        loader="stream",
+        val_fraction=0.0,
+        cache_dir=tmp_path,
+        workers=0,
+    )
+    first = create_splits(cfg, seed=0, base_dir=tmp_path)
+    assert first.mean == pytest.approx(memory.mean) and first.std == pytest.approx(memory.std)
+
+    def no_decoding(*args: object) -> None:
+        raise AssertionError("train images decoded again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(splits_module, "_uint8_batches", no_decoding)
+        again = create_splits(cfg, seed=0, base_dir=tmp_path)
+        assert (again.mean, again.std) == (first.mean, first.std)
+        with pytest.raises(AssertionError, match="decoded again"):  # another train selection: measured anew
+            create_splits(cfg.model_copy(update={"val_fraction": 0.2}), seed=0, base_dir=tmp_path)
+        stat = plain_tar.stat()
+        os.utime(plain_tar, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # the archive "changed"
+        try:
+            with pytest.raises(AssertionError, match="decoded again"):
+                create_splits(cfg, seed=0, base_dir=tmp_path)
+        finally:
+            os.utime(plain_tar, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -74,6 +74,15 @@ def _match_key(node: dict[str, Any], part: str, fold_case: bool) -> str:
     return matches[0] if len(matches) == 1 else part
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's problem and column, without its ``in "<unicode string>"`` excerpt (the value is one line)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if not problem:
+        return str(exc).splitlines()[0]
+    return f"{problem} at character {mark.column + 1}" if mark is not None else str(problem)
+
+
 def apply_override(data: dict[str, Any], override: Override | str) -> tuple[str, ...]:
     """Apply one override to the parsed YAML in place; return the key path it set (with the file's spelling)."""
     if isinstance(override, str):
@@ -81,7 +90,11 @@ def apply_override(data: dict[str, Any], override: Override | str) -> tuple[str,
     try:
         value = load_value(override.value)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{override.source}: the value is not valid YAML: {exc}") from exc
+        raise ConfigError(
+            f"{override.source}: the value {override.value!r} is not valid YAML: {_yaml_problem(exc)}",
+            hint="a YAML list is [a, b], a mapping {k: v}; quote a plain string that holds YAML characters "
+            "(--set 'key=\"text: with colon\"')",
+        ) from exc
     node: Any = data
     path: list[str] = []
     for part in override.parts[:-1]:

@@ -30,8 +30,12 @@ For ``activation_type="uint8"`` the stem is therefore fed a zero-padded 4-channe
 axis, the extra weight channels zero, so the result is unchanged): the stem then took 0.22 ms, and the whole model
 went from 0.84 to 0.73 of fp32's p50 (median of 7 alternating rounds, 2 threads, a busy machine); in
 ``benchmarks/export_latency.py`` (11 rounds) the int8/fp32 ratio moved from 0.744 to 0.727: the padded input
-costs a Transpose into NHWC that the 1-channel one did not need. It is applied only
-where measured: a graph input of one channel feeding a group-1 Conv. ``pad_stem_channels=None`` turns it off.
+costs a Transpose into NHWC that the 1-channel one did not need. Later paired runs put the whole-model gain within
+this shared VM's run-to-run noise (0.1-0.15 of the ratio); the per-op profile gain is not. Tried and dropped: the
+pad on the NHWC innermost axis in uint8 (no Transpose, but onnxruntime's Pad takes 0.37 ms there) and an fp32 stem
+left out of quantization (its NCHWc reorder, a QuantizeLinear and two Transposes of the 16-channel output: slower
+end to end). It is applied only where measured: a graph input of one channel feeding a group-1 Conv.
+``pad_stem_channels=None`` turns it off.
 
 So the default is QUInt8 (asymmetric) activations, for onnxruntime's CPU EP. TensorRT accepts only symmetric
 signed int8 Q/DQ (zero point 0): an int8 graph meant for TensorRT is made with ``activation_type="int8"``.

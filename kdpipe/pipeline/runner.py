@@ -1,9 +1,8 @@
 """Run a validated pipeline in a run directory: skip what is up to date, run what is not, record everything.
 
-A stage is up to date when run.lock.json holds its current fingerprint and every output it recorded still has
-the recorded hash. The fingerprint covers the stage's own resolved config, the fingerprints of the stages it
-depends on, the data config, the seed, and the versions of kdpipe, torch and timm; so editing one stage reruns it
-and everything downstream, and nothing upstream.
+A stage is up to date when run.lock.json holds its current fingerprint (``kdpipe.pipeline.fingerprint``) and every
+output it recorded still has the recorded hash; so editing one stage reruns it and everything downstream, and
+nothing upstream.
 """
 
 from __future__ import annotations
@@ -19,23 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
-import torch
 import yaml
 
 import kdpipe
 from kdpipe import distributed
 from kdpipe.config import LoadedConfig
 from kdpipe.data import Splits, create_splits
-from kdpipe.data.cache import file_identity
 from kdpipe.data.splits import data_identity
 from kdpipe.errors import ConfigError, GateFailed, KdpipeError, StageError
-from kdpipe.fileio import WriteError, atomic_write_json, atomic_write_text, sha256_json
+from kdpipe.fileio import WriteError, atomic_write_json, atomic_write_text
 from kdpipe.pipeline import summary
 from kdpipe.pipeline.checks import preflight
 from kdpipe.pipeline.checks import requirements as requirements  # re-exported beside preflight
 from kdpipe.pipeline.environment import environment, resolve_device
 from kdpipe.pipeline.environment import git_sha as git_sha  # re-exported: it used to live here
+from kdpipe.pipeline.fingerprint import fingerprint
 from kdpipe.pipeline.graph import Node, downstream_of
 from kdpipe.pipeline.rundir import RunDir, hash_outputs, outputs_intact
 from kdpipe.progress import NullProgress, Progress
@@ -70,24 +67,6 @@ def default_run_dir(loaded: LoadedConfig) -> Path:
     return Path("runs") / loaded.config.name
 
 
-def fingerprint(node: Node, loaded: LoadedConfig, upstream_fps: dict[str, str], data_files: str | None = None) -> str:
-    """What a stage's result depends on. ``data_files`` is :func:`kdpipe.data.splits.data_identity` of the run."""
-    cfg = loaded.config
-    return sha256_json(
-        {
-            "type": node.type,
-            "params": node.config.model_dump(mode="json", exclude={"needs"}),
-            "needs": {dep: upstream_fps[dep] for dep in node.needs},
-            # How batches are read (memory or stream, workers) does not change them: not part of the fingerprint.
-            "data": cfg.data.model_dump(mode="json", exclude={"loader", "workers", "prefetch"}),
-            "data_files": data_files,
-            "seed": cfg.seed,
-            "inputs": [_file_identity(path) for path in node.stage_cls.input_files(node.config)],
-            "versions": {"kdpipe": kdpipe.__version__, "torch": torch.__version__, "timm": timm.__version__},
-        }
-    )
-
-
 def _best_effort(write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     """Bookkeeping after a stage failed (its event, error.log): on a full or read-only disk it fails too, and the
     stage's own error, which names the file that failed first, must be the one the user sees."""
@@ -95,14 +74,6 @@ def _best_effort(write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         write(*args, **kwargs)
     except (WriteError, OSError) as exc:
         log.warning("could not record the failure (%s)", exc)
-
-
-def _file_identity(path: Path) -> str:
-    """Path, size and modification time of an input file (a missing one is caught by the stage's preflight)."""
-    try:
-        return file_identity(Path(path))
-    except OSError:
-        return f"missing:{path}"
 
 
 class Runner:

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from kdpipe.bench.measure import MEMORY_SCOPES, BenchCell
+from kdpipe.bench.measure import BenchCell
+from kdpipe.bench.memory import MEMORY_SCOPES
 from kdpipe.errors import DataError
 from kdpipe.fileio import atomic_write_json, atomic_write_text, atomic_write_with
 from kdpipe.registry import BACKENDS

@@ -11,15 +11,14 @@ from torch import nn
 
 import kdpipe.bench  # noqa: F401  (registers the backends)
 from kdpipe.bench.measure import (
-    MEMORY_SCOPES,
     BenchCell,
     BenchTarget,
-    PeakMemory,
     resolve_device,
     run_benchmark,
     summarize,
     time_iterations,
 )
+from kdpipe.bench.memory import MEMORY_SCOPES, PeakMemory
 from kdpipe.errors import ConfigError
 from kdpipe.models.factory import create_model
 from kdpipe.registry import BACKENDS

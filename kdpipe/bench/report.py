@@ -22,6 +22,7 @@ from kdpipe.bench.measure import BenchCell
 from kdpipe.bench.memory import MEMORY_SCOPES
 from kdpipe.errors import DataError
 from kdpipe.fileio import atomic_write_json, atomic_write_text, atomic_write_with
+from kdpipe.markdown import table
 from kdpipe.registry import BACKENDS
 
 logger = logging.getLogger(__name__)
@@ -122,28 +123,24 @@ def read_report(path: Path) -> tuple[list[BenchCell], dict[str, Any]]:
 
 def markdown_table(cells: list[BenchCell]) -> str:
     """A GitHub Markdown table, one row per cell; failed cells show their error and dashes elsewhere."""
-    header = (
-        "| model | backend | batch | p50 ms | p90 ms | p99 ms | mean ± std ms | img/s | size | peak mem | error |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-    )
-    rows = []
-    for c in cells:
-        mean_std = "–" if c.mean_ms is None else f"{c.mean_ms:.3f} ± {c.std_ms or 0.0:.3f}"
-        values = (
-            _escape(c.model),
-            _escape(c.backend),
+    header = ["model", "backend", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ± std ms", "img/s", "size", "peak mem"]
+    rows = [
+        [
+            c.model,
+            c.backend,
             str(c.batch_size),
             _ms(c.p50_ms),
             _ms(c.p90_ms),
             _ms(c.p99_ms),
-            mean_std,
+            "–" if c.mean_ms is None else f"{c.mean_ms:.3f} ± {c.std_ms or 0.0:.3f}",
             "–" if c.throughput is None else f"{c.throughput:,.1f}",
             format_bytes(c.model_bytes),
             format_bytes(c.peak_memory_bytes),
-            _escape(c.error or ""),
-        )
-        rows.append("| " + " | ".join(values) + " |")
-    return "\n".join([*header, *rows]) + "\n"
+            c.error or "",
+        ]
+        for c in cells
+    ]
+    return table([*header, "error"], rows, right=range(2, len(header))) + "\n"
 
 
 def format_bytes(n: int | None) -> str:
@@ -220,8 +217,3 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
-
-
-def _escape(text: str) -> str:
-    # A pipe would end the cell; a newline would end the row.
-    return text.replace("|", "\\|").replace("\n", " ")

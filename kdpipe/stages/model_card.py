@@ -9,6 +9,7 @@ import yaml
 
 from kdpipe.bench import BenchCell, markdown_table
 from kdpipe.config import StageConfig
+from kdpipe.markdown import table
 from kdpipe.model_cards import CardFacts, ModelResult, write_card
 from kdpipe.registry import STAGES
 from kdpipe.stages.base import Stage, StageContext, StageRecord, StageResult
@@ -77,25 +78,27 @@ def _sections(ctx: StageContext) -> dict[str, str]:
     sections: dict[str, str] = {}
     exports = [r for r in ctx.upstream if r.type == "export"]
     if exports:
-        header = "| export | file | size | top-1 | torch top-1 | agreement | max abs logit diff | gates |"
-        rows = [header, "|---|---|---|---|---|---|---|---|"]
+        header = ["export", "file", "size", "top-1", "torch top-1", "agreement", "max abs logit diff", "gates"]
+        rows = []
         for r in exports:
             m, info = r.metrics, r.result["info"]
             gates = ", ".join(f"{k} {v}" for k, v in info["parity"]["tolerances"].items() if v is not None)
-            cells = [
-                f"{r.name} ({info['format']})",
-                f"`{r.artifact('model').name}`",
-                f"{m['size_bytes'] / 1e6:.2f} MB",
-                f"{m['top1']:.4f}",
-                f"{m['torch_top1']:.4f}",
-                f"{m['top1_agreement']:.4f}",
-                f"{m['max_abs_diff']:.2e}",
-                f"{gates}: passed",
-            ]
-            rows.append("| " + " | ".join(cells) + " |")
+            rows.append(
+                [
+                    f"{r.name} ({info['format']})",
+                    f"`{r.artifact('model').name}`",
+                    f"{m['size_bytes'] / 1e6:.2f} MB",
+                    f"{m['top1']:.4f}",
+                    f"{m['torch_top1']:.4f}",
+                    f"{m['top1_agreement']:.4f}",
+                    f"{m['max_abs_diff']:.2e}",
+                    f"{gates}: passed",
+                ]
+            )
         samples = exports[-1].result["info"]["parity"]["num_samples"]
         sections["Exported models and parity"] = (
-            f"Each export is checked against the PyTorch student on {samples} test images.\n\n" + "\n".join(rows)
+            f"Each export is checked against the PyTorch student on {samples} test images.\n\n"
+            + table(header, rows, right=range(2, 7))
         )
     bench = next((r for r in reversed(ctx.upstream) if r.type == "benchmark"), None)
     if bench is not None:

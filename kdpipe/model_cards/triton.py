@@ -152,7 +152,7 @@ def _check_choice(where: str, what: str, value: str, choices: tuple[str, ...]) -
         raise ConfigError(f"{where}: {what} {value!r} is not one of {', '.join(choices)}", hint=hint)
 
 
-def _model_config_pb2() -> Any:
+def model_config_module() -> Any:
     try:
         from tritonclient.grpc import model_config_pb2
     except ImportError as exc:
@@ -164,7 +164,7 @@ def _model_config_pb2() -> Any:
 
 def create_model_config(spec: TritonModelSpec) -> model_config_pb2.ModelConfig:
     """The ``ModelConfig`` protobuf of ``spec``: batch-less dims, dynamic batching, instances and labels."""
-    pb = _model_config_pb2()
+    pb = model_config_module()
     config = pb.ModelConfig(name=spec.name, platform=spec.platform, max_batch_size=spec.max_batch_size)
     # Serve only the newest version folder, so writing version N+1 beside N swaps models without a config edit.
     config.version_policy.latest.num_versions = 1
@@ -199,7 +199,7 @@ def write_triton_repository(repo_dir: Path, spec: TritonModelSpec) -> dict[str, 
             hint="run the export stage that produces it first",
         )
     model_dir = Path(repo_dir) / spec.name
-    newer = [v for v in _version_dirs(model_dir) if int(v.name) > spec.version and any(v.glob("model.*"))]
+    newer = [v for v in version_dirs(model_dir) if int(v.name) > spec.version and any(v.glob("model.*"))]
     if newer:
         # version_policy latest 1 would keep serving the newer folder, not the model written now.
         raise ConfigError(
@@ -242,7 +242,7 @@ def read_model_config(path: Path) -> model_config_pb2.ModelConfig:
     """Parse a ``config.pbtxt``; a ConfigError names the file, line and column of a syntax error."""
     from google.protobuf import text_format
 
-    pb = _model_config_pb2()
+    pb = model_config_module()
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -260,7 +260,7 @@ def read_model_config(path: Path) -> model_config_pb2.ModelConfig:
 
 
 @dataclass(frozen=True)
-class _OnnxTensor:
+class OnnxTensor:
     name: str
     dims: tuple[int, ...]
     """-1 where the graph has a symbolic or unknown dim."""
@@ -270,7 +270,7 @@ class _OnnxTensor:
     """Triton's name of the element type; None for a type Triton has no name for."""
 
 
-def _load_onnx_io(onnx_path: Path) -> tuple[list[_OnnxTensor], list[_OnnxTensor]]:
+def load_onnx_io(onnx_path: Path) -> tuple[list[OnnxTensor], list[OnnxTensor]]:
     """The graph's real inputs (initializers left out) and outputs."""
     try:
         import onnx
@@ -286,19 +286,19 @@ def _load_onnx_io(onnx_path: Path) -> tuple[list[_OnnxTensor], list[_OnnxTensor]
     rename = {"FLOAT": "FP32", "DOUBLE": "FP64", "FLOAT16": "FP16", "BFLOAT16": "BF16"}
     to_triton = {code: f"TYPE_{rename.get(key, key)}" for key, code in onnx.TensorProto.DataType.items()}
 
-    def tensor(value: Any) -> _OnnxTensor:
+    def tensor(value: Any) -> OnnxTensor:
         tensor_type = value.type.tensor_type
         shape = tensor_type.shape.dim
         dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in shape)
         static_batch = bool(shape) and shape[0].HasField("dim_value")
         dtype = to_triton.get(tensor_type.elem_type)
-        return _OnnxTensor(value.name, dims, static_batch, dtype if dtype in DATA_TYPES else None)
+        return OnnxTensor(value.name, dims, static_batch, dtype if dtype in DATA_TYPES else None)
 
     inputs = [tensor(v) for v in model.graph.input if v.name not in initializers]
     return inputs, [tensor(v) for v in model.graph.output]
 
 
-def _triton_dims(where: str, tensor: _OnnxTensor, max_batch_size: int) -> tuple[int, ...]:
+def triton_dims(where: str, tensor: OnnxTensor, max_batch_size: int) -> tuple[int, ...]:
     """The dims Triton's config must state for ``tensor``: batch-less when Triton batches (max_batch_size >= 1)."""
     if max_batch_size == 0:
         return tensor.dims
@@ -329,7 +329,7 @@ def spec_from_onnx(
             hint=f"did you mean {near[0]!r}?" if near else None,
         )
     where = f"ONNX model {onnx_path}"
-    inputs, outputs = _load_onnx_io(onnx_path)
+    inputs, outputs = load_onnx_io(onnx_path)
     if len(inputs) != 1 or len(outputs) != 1:
         raise ConfigError(
             f"{where}: a classifier has one input and one output, this graph has inputs "
@@ -345,10 +345,10 @@ def spec_from_onnx(
         "platform": "onnxruntime_onnx",
         "model_file": onnx_path,
         "input_name": inp.name,
-        "input_dims": _triton_dims(where, inp, max_batch_size),
+        "input_dims": triton_dims(where, inp, max_batch_size),
         "input_dtype": inp.dtype,
         "output_name": out.name,
-        "output_dims": _triton_dims(where, out, max_batch_size),
+        "output_dims": triton_dims(where, out, max_batch_size),
         "output_dtype": out.dtype,
         "max_batch_size": max_batch_size,
         "labels": tuple(labels),
@@ -356,107 +356,8 @@ def spec_from_onnx(
     return TritonModelSpec(**{**derived, **kwargs})
 
 
-def _version_dirs(model_dir: Path) -> list[Path]:
+def version_dirs(model_dir: Path) -> list[Path]:
+    """The numbered version folders of a model folder, in version order."""
     if not model_dir.is_dir():
         return []
     return sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-
-
-def validate_repository(repo_dir: Path) -> list[str]:
-    """Check every model folder of a Triton repository; returns the problems found, empty when all is well.
-
-    Checked: the config parses and names its folder, each version folder holds the platform's model file, label
-    files exist with one line per class, preferred batch sizes fit, and for ONNX models the config's tensors,
-    dims (batch-less when max_batch_size >= 1) and data types agree with the graph.
-    """
-    repo_dir = Path(repo_dir)
-    if not repo_dir.is_dir():
-        return [f"{repo_dir}: the Triton model repository does not exist"]
-    problems: list[str] = []
-    for model_dir in sorted(p for p in repo_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        problems += _model_problems(model_dir)
-    return problems
-
-
-def _model_problems(model_dir: Path) -> list[str]:
-    config_path = model_dir / CONFIG_FILENAME
-    if not config_path.is_file():
-        return [f"{model_dir}: no {CONFIG_FILENAME}"]
-    try:
-        config = read_model_config(config_path)
-    except ConfigError as exc:
-        return [exc.message]
-    problems = []
-    if config.name and config.name != model_dir.name:
-        problems.append(f"{config_path}: name {config.name!r} differs from its folder {model_dir.name!r}")
-    if config.max_batch_size < 0:
-        problems.append(f"{config_path}: max_batch_size {config.max_batch_size} is negative")
-    preferred = [s for s in config.dynamic_batching.preferred_batch_size if s > config.max_batch_size]
-    if preferred:
-        problems.append(f"{config_path}: preferred_batch_size {preferred} > max_batch_size {config.max_batch_size}")
-    for output in config.output:
-        if output.label_filename:
-            problems += _label_problems(config_path, model_dir / output.label_filename, output)
-    model_name = config.default_model_filename or PLATFORM_FILES.get(config.platform)
-    if model_name is None:
-        return [*problems, f"{config_path}: platform {config.platform!r} is not one of {', '.join(PLATFORM_FILES)}"]
-    versions = _version_dirs(model_dir)
-    if not versions:
-        problems.append(f"{model_dir}: no numbered version folder (e.g. 1/{model_name})")
-    for version_dir in versions:
-        model_path = version_dir / model_name
-        if not model_path.is_file():
-            found = sorted(p.name for p in version_dir.glob("model.*"))
-            problems.append(
-                f"{model_path}: missing; platform {config.platform!r} loads {model_name}"
-                + (f" (found {', '.join(found)})" if found else "")
-            )
-        elif config.platform == "onnxruntime_onnx":
-            problems += _onnx_problems(config_path, config, model_path)
-    return problems
-
-
-def _label_problems(config_path: Path, labels_path: Path, output: Any) -> list[str]:
-    if not labels_path.is_file():
-        return [f"{config_path}: output {output.name!r} label_filename {labels_path.name!r} does not exist"]
-    count = len(labels_path.read_text(encoding="utf-8").splitlines())
-    classes = output.dims[-1] if output.dims else -1
-    if classes not in (-1, count):
-        return [f"{labels_path}: {count} labels for output {output.name!r} of {classes} classes"]
-    return []
-
-
-def _onnx_problems(config_path: Path, config: Any, model_path: Path) -> list[str]:
-    """Disagreements between the config's tensors and the ONNX graph Triton would load with it."""
-    try:
-        inputs, outputs = _load_onnx_io(model_path)
-    except (ConfigError, StageError) as exc:
-        return [exc.message]
-    problems = []
-    for kind, declared, graph in (("input", config.input, inputs), ("output", config.output, outputs)):
-        by_name = {t.name: t for t in graph}
-        for tensor in declared:
-            actual = by_name.get(tensor.name)
-            if actual is None:
-                problems.append(f"{config_path}: {kind} {tensor.name!r} is not in {model_path} (has {list(by_name)})")
-                continue
-            try:
-                expected = _triton_dims(str(model_path), actual, config.max_batch_size)
-            except ConfigError as exc:
-                problems.append(exc.message)
-                continue
-            dims = tuple(tensor.dims)
-            # A symbolic graph dim accepts any configured size; a fixed one must be stated exactly.
-            if len(dims) != len(expected) or any(g != -1 and d != g for d, g in zip(dims, expected, strict=True)):
-                batch_note = " (batch dim left out)" if config.max_batch_size > 0 else ""
-                problems.append(
-                    f"{config_path}: {kind} {tensor.name!r} dims {list(dims)} do not match the ONNX graph's "
-                    f"{list(expected)}{batch_note}"
-                )
-            data_type = _model_config_pb2().DataType.Name(tensor.data_type)
-            if actual.dtype != data_type:
-                problems.append(f"{config_path}: {kind} {tensor.name!r} is {data_type}, the graph's is {actual.dtype}")
-    missing = sorted({t.name for t in inputs} - {t.name for t in config.input})
-    if missing:
-        problems.append(f"{config_path}: the graph's inputs {missing} are missing from the config")
-    return problems

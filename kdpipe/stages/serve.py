@@ -11,7 +11,8 @@ from pydantic import Field, PositiveInt
 
 from kdpipe.config import StageConfig
 from kdpipe.errors import StageError
-from kdpipe.model_cards.triton import TritonModelSpec, spec_from_onnx, validate_repository, write_triton_repository
+from kdpipe.model_cards.triton import TritonModelSpec, spec_from_onnx, write_triton_repository
+from kdpipe.model_cards.triton_check import validate_repository
 from kdpipe.registry import STAGES
 from kdpipe.stages.base import Stage, StageResult
 

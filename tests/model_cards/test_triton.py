@@ -26,9 +26,9 @@ from kdpipe.model_cards.triton import (  # noqa: E402
     create_model_config,
     read_model_config,
     spec_from_onnx,
-    validate_repository,
     write_triton_repository,
 )
+from kdpipe.model_cards.triton_check import validate_repository  # noqa: E402
 
 LABELS = tuple(f"class_{i}" for i in range(10))
 

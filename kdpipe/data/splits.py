@@ -245,7 +245,7 @@ def _uint8_batches(split: TensorSplit | FileSplit, workers: int) -> Iterable[tor
 
 
 def _streamed_stats(
-    cfg: DataConfig, train: FileSplit, root: Path, cache_dir: Path | None, *, seed: int, base_dir: Path
+    cfg: DataConfig, train: FileSplit, root: Path, cache_dir: Path | None, *, seed: int, identity: str | None
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean and std of a streamed train split, through the dataset cache: measuring them decodes every train image,
     which on an ImageNet-size folder takes longer than the run's other set-up. The key is the data files' identity
@@ -256,7 +256,6 @@ def _streamed_stats(
         mean, std = channel_stats(_uint8_batches(train, cfg.workers))
         return {"mean": torch.tensor(mean, dtype=torch.float64), "std": torch.tensor(std, dtype=torch.float64)}
 
-    identity = data_identity(cfg, base_dir)
     assert identity is not None
     payload = cache.load_or_build(
         cache.resolve_cache_dir(cache_dir),
@@ -271,12 +270,13 @@ def _streamed_stats(
     return tuple(float(v) for v in mean_t), tuple(float(v) for v in std_t)
 
 
-def create_splits(cfg: DataConfig, *, seed: int, base_dir: Path) -> Splits:
+def create_splits(cfg: DataConfig, *, seed: int, base_dir: Path, data_files: str | None = None) -> Splits:
     """Load the dataset ``cfg`` describes and return its train / val / test splits with normalisation statistics.
 
     ``seed`` is the run seed: it picks the validation samples (``cfg.val_fraction`` of train, stratified); the test
     split never depends on it. ``base_dir`` is the stages.yaml folder, against which a relative ``data.root`` and
-    ``data.cache_dir`` are resolved. Decoded images are cached (see ``kdpipe.data.cache``).
+    ``data.cache_dir`` are resolved. Decoded images are cached (see ``kdpipe.data.cache``). ``data_files`` is
+    ``data_identity(cfg, base_dir)`` where the caller has it already (a folder's identity is one stat per file).
     """
     root = resolve_root(cfg, base_dir)
     cache_dir = None
@@ -307,7 +307,8 @@ def create_splits(cfg: DataConfig, *, seed: int, base_dir: Path) -> Splits:
         train, val = train.select(keep), train.select(held)
     if not isinstance(train, TensorSplit):  # streamed
         assert root is not None
-        mean, std = _streamed_stats(cfg, train, root, cache_dir, seed=seed, base_dir=base_dir)
+        identity = data_files or data_identity(cfg, base_dir)
+        mean, std = _streamed_stats(cfg, train, root, cache_dir, seed=seed, identity=identity)
     else:
         mean, std = channel_stats(_uint8_batches(train, cfg.workers))
     splits = Splits(

@@ -100,6 +100,7 @@ class Runner:
         self.on_stage = on_stage
         self.options = dict(options or {})
         self._splits: Splits | None = None
+        self._data_files: str | None = None  # data_identity, taken once by plan() and reused by the loader
         self._fingerprints: dict[str, str] = {}
         self._records: dict[str, StageRecord] = {}
         self._gate_events: dict[str, dict[str, Any]] = {}
@@ -115,8 +116,9 @@ class Runner:
 
     def _data(self) -> Splits:
         if self._splits is None:
+            cfg = self.loaded.config
             self._splits = create_splits(
-                self.loaded.config.data, seed=self.loaded.config.seed, base_dir=self.loaded.base_dir
+                cfg.data, seed=cfg.seed, base_dir=self.loaded.base_dir, data_files=self._data_files
             )
         return self._splits
 
@@ -131,9 +133,9 @@ class Runner:
         forced = downstream_of(self.nodes, self.from_stage) if self.from_stage else set()
         actions: dict[str, str] = {}
         fps: dict[str, str] = {}
-        data_files = data_identity(self.loaded.config.data, self.loaded.base_dir)
+        self._data_files = data_identity(self.loaded.config.data, self.loaded.base_dir)
         for node in self.nodes:
-            fps[node.name] = fp = fingerprint(node, self.loaded, fps, data_files)
+            fps[node.name] = fp = fingerprint(node, self.loaded, fps, self._data_files)
             entry = lock.get(node.name)
             up_to_date = (
                 entry is not None

@@ -119,6 +119,18 @@ class PerformanceConfig(StrictModel):
     GPU with the whole batch would. No effect in a single process; refused with gloo on CPU (PyTorch has none)."""
 
 
+class EarlyStoppingConfig(StrictModel):
+    """Stop when the validation top-1 stops improving, and end with the best evaluation's weights. Needs
+    data.val_fraction > 0: deciding on the test split would leak it into the result."""
+
+    patience: PositiveInt
+    """Evaluations (one every eval_every epochs) without an improvement before training stops; TGeo-KD uses 10."""
+    min_delta: float = Field(0.0, ge=0.0)
+    """Improving means beating the best top-1 (a fraction) by more than this."""
+    restore_best: bool = True
+    """End with the weights of the best evaluation; false keeps the last epoch's."""
+
+
 class TrainConfig(StrictModel):
     """Optimisation settings shared by teacher training and distillation."""
 
@@ -133,6 +145,8 @@ class TrainConfig(StrictModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     eval_every: PositiveInt = 1
     """Evaluate on the val split (test when val_fraction is 0) every this many epochs, and after the last."""
+    early_stopping: EarlyStoppingConfig | None = None
+    """Off by default: every epoch runs."""
     performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from kdpipe import distributed
 from kdpipe.config import TrainConfig
+from kdpipe.distill.early_stopping import EarlyStopping
 from kdpipe.distill.evaluate import EvalResult, evaluate
 from kdpipe.distill.methods.base import KDMethod
 from kdpipe.errors import ConfigError, DataError, Interrupted
@@ -60,6 +61,8 @@ class TrainResult:
     final: EvalResult | None = None
     resumed_from: int | None = None
     """Epoch (0-based) the run resumed at, or None for a fresh start."""
+    stopped_early: int | None = None
+    """With ``train.early_stopping``: the epoch (1-based) after which training stopped, or None."""
     seconds: float = 0.0
 
 
@@ -241,7 +244,7 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
-    def _save(self, epoch: int, step: int, result: TrainResult) -> None:
+    def _save(self, epoch: int, step: int, result: TrainResult, stopper: EarlyStopping | None) -> None:
         if not self.world.is_main:  # rank 0 writes; under data parallelism every rank holds the same state
             return
         state = {
@@ -257,10 +260,11 @@ class Trainer:
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "history": json.dumps(result.history),
             "best": [result.best_top1, result.best_epoch],
+            "early_stopping": stopper.state_dict() if stopper is not None else {},
         }
         atomic_write_with(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
 
-    def _load(self, result: TrainResult) -> tuple[int, int]:
+    def _load(self, result: TrainResult, stopper: EarlyStopping | None) -> tuple[int, int]:
         """Restore the last checkpoint if it belongs to this exact stage config; returns (epoch, step) to start at."""
         path = self.checkpoint_path
         if not path.exists():
@@ -293,6 +297,8 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         result.history = json.loads(state["history"])
         result.best_top1, result.best_epoch = float(state["best"][0]), int(state["best"][1])
+        if stopper is not None and state.get("early_stopping"):
+            stopper.load_state_dict(state["early_stopping"])
         epoch, step = int(state["epoch"]), int(state["step"])
         result.resumed_from = epoch
         log.info("resuming %s from %s at epoch %d step %d", self.label, path, epoch + 1, step)
@@ -323,15 +329,18 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         result = TrainResult()
-        start_epoch, start_step = self._load(result)
         cfg = self.cfg
+        stopper = EarlyStopping(cfg.early_stopping, self.method.deployable()) if cfg.early_stopping else None
+        start_epoch, start_step = self._load(result, stopper)
+        # A run that stopped early and was resumed (killed before its stage finished) has nothing left to train.
+        end_epoch = cfg.epochs if stopper is None or stopper.stopped_epoch is None else start_epoch
         if len(self.train_batches) == 0:
             raise DataError(f"the train split has fewer samples than batch_size={cfg.batch_size}; lower batch_size")
         t0 = time.perf_counter()
         steps_done = 0
         self.method.train()
         with _StopFlag() as stop:
-            for epoch in range(start_epoch, cfg.epochs):
+            for epoch in range(start_epoch, end_epoch):
                 factor = lr_factor(cfg, epoch)
                 lr = cfg.lr * factor
                 optimizers = [self.optimizer, *self.method.own_optimizers().values()]
@@ -372,7 +381,7 @@ class Trainer:
                         if self.world.enabled and synced and distributed.any_rank(stop.signum is not None):
                             stop.signum = stop.signum or signal.SIGTERM  # every rank stops at the same step
                         if stop.signum is not None and (synced or not self.world.enabled):
-                            self._save(epoch, step + 1, result)
+                            self._save(epoch, step + 1, result, stopper)
                             raise Interrupted(
                                 f"{self.label}: stopped by {signal.Signals(stop.signum).name} at epoch {epoch + 1}, "
                                 f"step {step + 1}; checkpoint saved to {self.checkpoint_path}",
@@ -401,12 +410,27 @@ class Trainer:
                     if not ev.top1 <= result.best_top1:  # also true while best is nan
                         result.best_top1, result.best_epoch = ev.top1, epoch + 1
                     result.final = ev
+                    if stopper is not None and stopper.update(ev.top1, epoch + 1):
+                        row["early_stop"] = 1.0
                 self.method.train()
                 result.history.append(row)
                 if self.on_epoch is not None:
                     self.on_epoch(row)
-                self._save(epoch + 1, 0, result)
-        if result.final is None or start_epoch >= cfg.epochs:
+                self._save(epoch + 1, 0, result, stopper)
+                if stopper is not None and stopper.stopped_epoch is not None:
+                    log.info(
+                        "%s: no eval top-1 gain over %.4f (epoch %d) in %d evaluations; stopped after epoch %d",
+                        self.label,
+                        stopper.best,
+                        stopper.best_epoch,
+                        stopper.cfg.patience,
+                        epoch + 1,
+                    )
+                    break
+        restored = stopper is not None and stopper.finish()
+        if stopper is not None:
+            result.stopped_early = stopper.stopped_epoch
+        if restored or result.final is None or start_epoch >= end_epoch:
             result.final = evaluate(self.method.deployable(), self.eval_batches, self.num_classes)
         result.seconds = time.perf_counter() - t0
         return result

@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from kdpipe import distributed
-from kdpipe.config import TrainConfig
+from kdpipe.config import LoadedConfig, TrainConfig
 from kdpipe.data import BatchLoader, Splits, TensorSplit
 from kdpipe.data.stream import FileSplit, StreamLoader, make_loader
 from kdpipe.distill.methods.base import KDMethod
 from kdpipe.distill.trainer import Precision, Trainer, TrainResult
+from kdpipe.errors import ConfigError
 from kdpipe.fileio import write_error
 from kdpipe.models.factory import count_params, create_model, load_weights, save_weights
 from kdpipe.stages.base import StageContext, StageRecord
@@ -137,3 +138,16 @@ def train_method(
         on_epoch=lambda row: ctx.event("epoch", **row),
         stop_after_steps=ctx.options.get("stop_after_steps", {}).get(ctx.name),
     ).fit()
+
+
+def check_early_stopping(train: TrainConfig | None, loc: tuple[str, ...], loaded: LoadedConfig) -> None:
+    """``train.early_stopping`` decides on the eval split, which is the test split while data.val_fraction is 0:
+    refused there, so a run never picks its weights by test accuracy. ``loc`` is the train block's key path."""
+    if train is None or train.early_stopping is None or loaded.config.data.val_fraction > 0:
+        return
+    key = (*loc, "early_stopping")
+    raise ConfigError(
+        f"{loaded.where(key)}: {'.'.join(key)}: early stopping reads the eval split, which is the test split while "
+        "data.val_fraction is 0, so the test accuracy would pick the weights",
+        hint="set data.val_fraction (e.g. 0.1) to hold out a validation split, or remove early_stopping",
+    )

@@ -19,7 +19,15 @@ from kdpipe.errors import ConfigError
 from kdpipe.models.factory import count_params
 from kdpipe.registry import METHODS, STAGES
 from kdpipe.stages.base import Stage, StageResult
-from kdpipe.stages.common import build_model, load_stage_model, model_facts, save_stage_model, test_loader, train_method
+from kdpipe.stages.common import (
+    build_model,
+    check_early_stopping,
+    load_stage_model,
+    model_facts,
+    save_stage_model,
+    test_loader,
+    train_method,
+)
 from kdpipe.stages.validators import known_model
 
 log = logging.getLogger(__name__)
@@ -53,6 +61,7 @@ class DistillStage(Stage):
 
     @classmethod
     def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:
+        check_early_stopping(config.train, ("stages", name, "train"), loaded)
         method_cls = METHODS.get(config.method.name)
         where = loaded.where(("stages", name, "method", "name"))
         if method_cls.needs_val_split and loaded.config.data.val_fraction <= 0:
@@ -145,6 +154,7 @@ class DistillStage(Stage):
             metrics["compression"] = metrics["teacher_params"] / metrics["params"]
         info.update(method_params=cfg.method.model_dump(mode="json"))
         info.update(history=result.history, train_seconds=result.seconds, resumed_from=result.resumed_from)
+        info.update(stopped_early=result.stopped_early)
         return StageResult(
             metrics=metrics,
             artifacts=artifacts,

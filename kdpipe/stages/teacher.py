@@ -18,7 +18,14 @@ from kdpipe.distill.trainer import Precision
 from kdpipe.errors import ConfigError
 from kdpipe.registry import STAGES
 from kdpipe.stages.base import Stage, StageResult
-from kdpipe.stages.common import build_model, model_facts, save_stage_model, test_loader, train_method
+from kdpipe.stages.common import (
+    build_model,
+    check_early_stopping,
+    model_facts,
+    save_stage_model,
+    test_loader,
+    train_method,
+)
 from kdpipe.stages.validators import known_model
 
 log = logging.getLogger(__name__)
@@ -79,6 +86,8 @@ class TeacherStage(Stage):
 
     @classmethod
     def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:
+        if config.weights is not None:
+            check_early_stopping(config.weights.train, ("stages", name, "weights", "train"), loaded)
         ckpt = config.weights.checkpoint if config.weights is not None else None
         if ckpt is not None and not ckpt.is_file():
             where = loaded.where(("stages", name, "weights", "checkpoint"))
@@ -99,6 +108,7 @@ class TeacherStage(Stage):
             info["train_seconds"] = result.seconds
             info["best_eval_top1"] = result.best_top1
             info["resumed_from"] = result.resumed_from
+            info["stopped_early"] = result.stopped_early
         model = model.to(ctx.device)
         test = evaluate(model, test_loader(ctx), splits.num_classes)
         artifacts = {"model": save_stage_model(ctx, model, cfg.model, role="teacher")}

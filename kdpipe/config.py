@@ -41,7 +41,7 @@ class StrictModel(BaseModel):
 
 
 DataKind = Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"]
-Augment = Literal["cifar", "crop", "imagenet", "none"]
+Augment = Literal["cifar", "cifar-reflect", "crop", "imagenet", "none"]
 
 
 class DataConfig(StrictModel):
@@ -56,8 +56,9 @@ class DataConfig(StrictModel):
     image_size: PositiveInt | None = None
     """Side length in pixels the images are resized to. Default: 16 for digits, the native size otherwise."""
     augment: Augment = "cifar"
-    """Training augmentation: cifar (random crop with padding + horizontal flip), crop (the same without the flip,
-    for data where a mirror image is another class, like digits), imagenet (random resized crop + flip), none."""
+    """Training augmentation: cifar (random crop with zero padding + horizontal flip), cifar-reflect (the same with
+    reflect padding), crop (cifar without the flip, for data where a mirror image is another class, like digits),
+    imagenet (random resized crop + flip), none."""
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Share of the train split held out (seeded, stratified) as a validation split. Accuracy is reported on test."""
     subset: float | None = Field(None, gt=0.0, lt=1.0)

@@ -119,6 +119,8 @@ FFSD_PROTOCOL = [
     "  reported number is the leader's best test-epoch top-1 (README: 3 runs; the target is their mean).",
 ]
 
+AUGMENT_PADDING = {"cifar": "zero", "cifar-reflect": "reflect"}
+
 COMMON_DIFFERENCES = [
     "data: the JPEG re-encoding of {dataset} in ../shared/data (see its README); expect top-1 a little below",
     "  the paper's for the same recipe, and compare methods with each other on this data;",
@@ -170,6 +172,7 @@ class Recipe:
     differences: list[str] = field(default_factory=list)
     dataset: str = "cifar100"
     val_fraction: float = 0.0
+    augment: str = "cifar"
 
     @property
     def file_name(self) -> str:
@@ -242,7 +245,8 @@ def render(recipe: Recipe) -> str:
         "  kind: imagefolder",
         f"  root: {DATA[recipe.dataset]}   # relative to this file",
         "  image_size: 32",
-        "  augment: cifar               # random crop with 4-pixel zero padding + horizontal flip",
+        f"  augment: {recipe.augment:<19} # random crop with 4-pixel {AUGMENT_PADDING[recipe.augment]} padding"
+        " + horizontal flip",
         f"  val_fraction: {_num(recipe.val_fraction)}"
         + (
             "            # the whole train split trains (see above)"
@@ -524,11 +528,11 @@ def recipes() -> list[Recipe]:
                 protocol=FFSD_PROTOCOL,
                 method_notes=["Method: kdpipe's ffsd with the official code's weights; the leader is deployed."],
                 differences=[
-                    "the crop pads with zeros (FFSD: reflect padding);",
                     "kdpipe's WRN is the CRD/mdistiller layout (FFSD taps a pre-activation WRN's final BN-ReLU).",
                 ]
                 if student.startswith("wrn")
-                else ["the crop pads with zeros (FFSD: reflect padding)."],
+                else [],
+                augment="cifar-reflect",  # FFSD's RandomCrop(32, 4, padding_mode="reflect")
             )
         )
     for student, top1 in CRD_STUDENT_TOP1.items():

@@ -6,7 +6,9 @@ what lets a resumed run reproduce an uninterrupted one bit for bit.
 
 - ``cifar``: pad by ``image_size / 8`` pixels of zeros (4 at 32, 2 at 16), crop back to size at a random offset per
   sample, flip half the samples horizontally. Exact on uint8: the output is a gather of input pixels.
-- ``crop``: the same crop without the flip, for data where a mirror image is another class (digits, text).
+- ``cifar-reflect``: ``cifar`` with reflect padding (the border mirrored, edge pixel not repeated: torchvision's
+  ``padding_mode="reflect"``), as FFSD's and several CIFAR codebases' ``RandomCrop(32, 4, padding_mode="reflect")``.
+- ``crop``: the ``cifar`` crop without the flip, for data where a mirror image is another class (digits, text).
 - ``imagenet``: per-sample random resized crop (area 8-100 %, aspect ratio 3/4-4/3, torchvision's ten tries then
   the whole image) and horizontal flip, all samples in one ``grid_sample`` call with per-sample affine grids.
   The crop is never larger than the image, so the output never minifies and bilinear needs no antialiasing.
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from kdpipe.errors import ConfigError
 from kdpipe.registry import suggest
 
-AUGMENTS = ("cifar", "crop", "imagenet", "none")
+AUGMENTS = ("cifar", "cifar-reflect", "crop", "imagenet", "none")
 
 RRC_SCALE = (0.08, 1.0)
 """Share of the image area a random resized crop covers (torchvision's default)."""
@@ -48,16 +50,16 @@ def crop_padding(image_size: int) -> int:
 
 
 def random_crop_flip(
-    images: torch.Tensor, padding: int, generator: torch.Generator, *, flip: bool = True
+    images: torch.Tensor, padding: int, generator: torch.Generator, *, flip: bool = True, reflect: bool = False
 ) -> torch.Tensor:
-    """Random crop of ``(B, C, H, W)`` images after zero ``padding`` on every side, then (``flip``) a random
-    horizontal flip.
+    """Random crop of ``(B, C, H, W)`` images after ``padding`` on every side (zeros, or the mirrored border with
+    ``reflect``), then (``flip``) a random horizontal flip.
 
     Offsets and flips are drawn per sample; the crop and the flip are one gather, so uint8 stays uint8.
     """
     b, c, h, w = images.shape
     device = images.device
-    padded = F.pad(images, (padding, padding, padding, padding))
+    padded = images if reflect else F.pad(images, (padding, padding, padding, padding))
     top = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=device)
     left = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=device)
     # drawn even when unused, so every augmentation consumes the same random stream
@@ -65,9 +67,22 @@ def random_crop_flip(
     rows = top[:, None] + torch.arange(h, device=device)  # (B, H)
     cols = torch.arange(w, device=device).expand(b, w)
     cols = left[:, None] + torch.where(flip_mask[:, None], w - 1 - cols, cols)  # (B, W), reversed for flipped samples
-    # One gather over the flattened padded plane: about 6x faster on CPU than 4-D advanced indexing.
-    flat = (rows[:, :, None] * (w + 2 * padding) + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
+    if reflect:  # map padded coordinates into the image: -1 -> 1, n -> n - 2 (no padded copy needed)
+        if padding >= min(h, w):
+            raise ConfigError(f"reflect padding of {padding} px needs images larger than {padding} px, got {h}x{w}")
+        rows, cols = _reflect(rows - padding, h), _reflect(cols - padding, w)
+        padded, width = images, w
+    else:
+        width = w + 2 * padding
+    # One gather over the flattened (padded) plane: about 6x faster on CPU than 4-D advanced indexing.
+    flat = (rows[:, :, None] * width + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
     return padded.reshape(b, c, -1).gather(2, flat).reshape(b, c, h, w)
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Reflect indices in [-(size - 1), 2 * (size - 1)] into [0, size - 1] about the edge pixels."""
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
 
 
 def _crop_sizes(b: int, h: int, w: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -124,13 +139,14 @@ def random_resized_crop_flip(images: torch.Tensor, generator: torch.Generator) -
 
 
 def augment_batch(images: torch.Tensor, name: str, generator: torch.Generator) -> torch.Tensor:
-    """Apply augmentation ``name`` ("cifar" | "crop" | "imagenet" | "none") to a uint8 ``(B, C, H, W)`` batch.
+    """Apply augmentation ``name`` (one of ``AUGMENTS``) to a uint8 ``(B, C, H, W)`` batch.
 
-    Returns uint8 for cifar, crop and none, float32 in 0..255 for imagenet (interpolated values).
+    Returns uint8 for cifar, cifar-reflect, crop and none, float32 in 0..255 for imagenet (interpolated values).
     """
     check_augment(name)
-    if name in ("cifar", "crop"):
-        return random_crop_flip(images, crop_padding(images.shape[-1]), generator, flip=name == "cifar")
+    if name in ("cifar", "cifar-reflect", "crop"):
+        padding = crop_padding(images.shape[-1])
+        return random_crop_flip(images, padding, generator, flip=name != "crop", reflect=name == "cifar-reflect")
     if name == "imagenet":
         return random_resized_crop_flip(images, generator)
     return images

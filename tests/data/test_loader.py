@@ -211,3 +211,36 @@ def test_crop_is_cifar_without_the_flip() -> None:
     assert 0 < flipped < len(images)
     expected = random_crop_flip(images, crop_padding(8), torch.Generator().manual_seed(5), flip=False)
     assert torch.equal(augment_batch(images, "crop", torch.Generator().manual_seed(5)), expected)
+
+
+def test_cifar_reflect_is_the_cifar_crop_of_a_reflect_padded_image() -> None:
+    """Same offsets and flips as ``cifar`` (same random stream), but the window reads torch's reflect padding
+    (edge pixel not repeated, as torchvision's padding_mode="reflect") instead of zeros."""
+    images = _split(12, size=8).images
+    out = augment_batch(images, "cifar-reflect", torch.Generator().manual_seed(5))
+    assert out.dtype == torch.uint8
+    pad = crop_padding(8)
+    reflected = torch.nn.functional.pad(images.float(), (pad,) * 4, mode="reflect").to(torch.uint8)
+    # The zero-padded crop with the same generator tells where each window is: compare at the same offsets.
+    probe = torch.arange(1, 1 + 8 * 8, dtype=torch.float32).reshape(1, 1, 8, 8).expand(12, 1, 8, 8)
+    where = random_crop_flip(probe.to(torch.int64), pad, torch.Generator().manual_seed(5))
+    for i in range(len(images)):
+        hits = [
+            (dy, dx, flip)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            for flip in (False, True)
+            if torch.equal(
+                where[i, 0],
+                (lambda w: w.flip(-1) if flip else w)(
+                    torch.nn.functional.pad(probe[i].to(torch.int64), (pad,) * 4)[0, dy : dy + 8, dx : dx + 8]
+                ),
+            )
+        ]
+        assert len(hits) == 1, f"sample {i}: window not unique"
+        dy, dx, flip = hits[0]
+        window = reflected[i, :, dy : dy + 8, dx : dx + 8]
+        assert torch.equal(out[i], window.flip(-1) if flip else window), f"sample {i}"
+    assert not torch.equal(out, augment_batch(images, "cifar", torch.Generator().manual_seed(5)))
+    with pytest.raises(ConfigError, match="reflect padding"):
+        random_crop_flip(images[:, :, :2, :2], 2, torch.Generator(), reflect=True)

@@ -87,6 +87,8 @@ def fit(
     lr: float = 0.05,
     seed: int = 0,
     performance: dict[str, object] | None = None,
+    early_stopping: dict[str, object] | None = None,
+    stop_after_steps: int | None = None,
 ) -> TrainResult:
     train, test = loaders(splits, batch_size, seed)
     cfg = TrainConfig.model_validate(
@@ -96,6 +98,7 @@ def fit(
             "lr": lr,
             "schedule": {"name": "cosine"},
             "performance": performance or {},
+            "early_stopping": early_stopping,
         }
     )
     trainer = Trainer(
@@ -107,6 +110,7 @@ def fit(
         device=torch.device("cpu"),
         checkpoint_path=work / "last.pt",
         fingerprint=f"test-{seed}",
+        stop_after_steps=stop_after_steps,
     )
     return trainer.fit()
 

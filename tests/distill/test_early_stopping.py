@@ -11,16 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from kdpipe.config import EarlyStoppingConfig, TrainConfig, load_config
+from kdpipe.config import EarlyStoppingConfig, load_config
 from kdpipe.distill import trainer as trainer_module
 from kdpipe.distill.early_stopping import EarlyStopping
 from kdpipe.distill.methods import create_method
 from kdpipe.distill.methods.ce import CEParams
-from kdpipe.distill.trainer import Trainer, TrainResult
+from kdpipe.distill.trainer import TrainResult
 from kdpipe.errors import ConfigError, Interrupted
 from kdpipe.pipeline.runner import preflight
 from tests.conftest import TINY
-from tests.distill.conftest import DigitsRun, loaders
+from tests.distill.conftest import DigitsRun, fit, loaders
 
 # The eval top-1 a run "sees" after each epoch: best after epoch 2, then 2 evaluations without a gain > 0.01.
 SCRIPT = [0.50, 0.70, 0.705, 0.60, 0.90, 0.95]
@@ -70,20 +70,8 @@ def _train(
     student = digits.student(seed=0)
     method = create_method(CEParams(), student, None, digits.context())
     torch.manual_seed(0)
-    train, test = loaders(digits.splits, 64)
-    cfg = TrainConfig.model_validate({"epochs": 8, "lr": 0.05, "early_stopping": early})
-    trainer = Trainer(
-        method,
-        cfg,
-        train_batches=train,
-        eval_batches=test,
-        num_classes=10,
-        device=torch.device("cpu"),
-        checkpoint_path=work / "last.pt",
-        fingerprint="early-stopping-test",
-        stop_after_steps=stop_after_steps,
-    )
-    return student, trainer.fit()
+    result = fit(method, digits.splits, work, epochs=8, early_stopping=early, stop_after_steps=stop_after_steps)
+    return student, result
 
 
 def _same(a: nn.Module, b: nn.Module) -> bool:

@@ -163,10 +163,8 @@ def data_identity(cfg: DataConfig, base_dir: Path) -> str | None:
     batches = _CIFAR_FOLDERS.get(cfg.kind)
     if batches is not None and root.name != batches and (root / batches).is_dir():
         root = root / batches  # only the batch files, not everything else kept beside them
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    return cache.listing_identity(
-        root, [(p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    )
+    stats = [(p.relative_to(root).as_posix(), p.stat()) for p in root.rglob("*") if p.is_file()]
+    return cache.listing_identity(root, [(rel, st.st_size, st.st_mtime_ns) for rel, st in stats])
 
 
 def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

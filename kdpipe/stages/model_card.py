@@ -63,13 +63,14 @@ def _network_results(student: StageRecord) -> dict[str, ModelResult]:
 
 def _online_section(student: StageRecord) -> str:
     networks = student.metrics.get("networks", {})
-    rows = ["| network | model | test top-1 | params | deployed |", "|---|---|---|---|---|"]
-    for name, net in networks.items():
-        deployed = "yes" if net.get("deployed") else "no"
-        rows.append(f"| {name} | {net['model']} | {net['top1']:.4f} | {net['params']:,} | {deployed} |")
+    rows = [
+        [name, net["model"], f"{net['top1']:.4f}", f"{net['params']:,}", "yes" if net.get("deployed") else "no"]
+        for name, net in networks.items()
+    ]
     return (
         f"The method trained {len(networks)} networks together; only `{student.metrics.get('deployed_network')}` "
-        "is exported. The others' weights are in the distill stage's `networks/` folder.\n\n" + "\n".join(rows)
+        "is exported. The others' weights are in the distill stage's `networks/` folder.\n\n"
+        + table(["network", "model", "test top-1", "params", "deployed"], rows, right=(2, 3))
     )
 
 

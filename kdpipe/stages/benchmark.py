@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
-from kdpipe.bench import BenchTarget, run_benchmark, write_report
+from kdpipe.bench import BenchTarget, describe_environment, run_benchmark, write_report
 from kdpipe.config import LoadedConfig, StageConfig
 from kdpipe.errors import ConfigError, StageError
 from kdpipe.registry import BACKENDS, STAGES
@@ -143,7 +143,9 @@ class BenchmarkStage(Stage):
             device=str(device),
             progress=ctx.progress,
         )
-        paths = write_report(ctx.dir, cells, ctx.environment)
+        # The run's environment (git SHA, world size) on top of what a benchmark records: date, CPU count, onnxruntime
+        # version and providers, GPU.
+        paths = write_report(ctx.dir, cells, {**describe_environment(str(device)), **ctx.environment})
         rows = [vars(c) for c in cells]
         errors = [r for r in rows if r.get("error")]
         ok = [r for r in rows if not r.get("error")]

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import onnx
+import onnxruntime
 import pytest
 from google.protobuf import text_format
 from huggingface_hub import ModelCard
@@ -114,7 +115,11 @@ def test_benchmark_report(deployed: tuple[Path, RunSummary]) -> None:
     assert all(c["error"] is None for c in cells)
     assert all(c["p50_ms"] <= c["p90_ms"] <= c["p99_ms"] for c in cells)
     assert (run_dir / "bench" / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| onnxruntime |" in (run_dir / "bench" / "bench.md").read_text()
+    markdown = (run_dir / "bench" / "bench.md").read_text()
+    assert "| onnxruntime |" in markdown
+    env = bench["environment"]
+    assert env["onnxruntime"] == onnxruntime.__version__ and env["cpu_count"] and env["git_sha"] and env["date"]
+    assert f"onnxruntime {onnxruntime.__version__}" in markdown and "(? CPUs" not in markdown
 
 
 def test_card_has_every_result_and_section(deployed: tuple[Path, RunSummary]) -> None:

@@ -3,6 +3,7 @@ metadata and the model card."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import subprocess
 from functools import cache
@@ -63,4 +64,20 @@ def environment(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
+    env.update(export_versions())
     return env
+
+
+# Distributions whose version decides what an exported model is and how it runs; recorded when installed.
+EXPORT_DISTRIBUTIONS = ("onnx", "onnxruntime", "onnxruntime-gpu", "onnxslim", "tensorrt")
+
+
+def export_versions() -> dict[str, str]:
+    """Installed versions of the export and runtime libraries, read from package metadata (nothing is imported)."""
+    versions = {}
+    for name in EXPORT_DISTRIBUTIONS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions

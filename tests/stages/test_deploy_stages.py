@@ -128,6 +128,8 @@ def test_card_has_every_result_and_section(deployed: tuple[Path, RunSummary]) ->
     roles = {r.metric_config for r in card.data.eval_results}
     assert roles == {"student", "teacher", "onnx", "int8", "fp16"}
     text = (run_dir / "card" / "README.md").read_text()
+    # The card names the runtime its exported models were checked with.
+    assert f"| `onnxruntime` | {onnxruntime.__version__} |" in text and f"| `onnx` | {onnx.__version__} |" in text
     for section in ("## Exported models and parity", "## Latency", "## Serving", "latency.png"):
         assert section in text
     assert (run_dir / "card" / "latency.png").is_file()

@@ -58,6 +58,8 @@ def random_crop_flip(
     Offsets and flips are drawn per sample; the crop and the flip are one gather, so uint8 stays uint8.
     """
     b, c, h, w = images.shape
+    if reflect and padding >= min(h, w):
+        raise ConfigError(f"reflect padding of {padding} px needs images larger than {padding} px, got {h}x{w}")
     device = images.device
     padded = images if reflect else F.pad(images, (padding, padding, padding, padding))
     top = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=device)
@@ -68,12 +70,8 @@ def random_crop_flip(
     cols = torch.arange(w, device=device).expand(b, w)
     cols = left[:, None] + torch.where(flip_mask[:, None], w - 1 - cols, cols)  # (B, W), reversed for flipped samples
     if reflect:  # map padded coordinates into the image: -1 -> 1, n -> n - 2 (no padded copy needed)
-        if padding >= min(h, w):
-            raise ConfigError(f"reflect padding of {padding} px needs images larger than {padding} px, got {h}x{w}")
         rows, cols = _reflect(rows - padding, h), _reflect(cols - padding, w)
-        padded, width = images, w
-    else:
-        width = w + 2 * padding
+    width = w if reflect else w + 2 * padding  # of the plane ``padded`` holds
     # One gather over the flattened (padded) plane: about 6x faster on CPU than 4-D advanced indexing.
     flat = (rows[:, :, None] * width + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
     return padded.reshape(b, c, -1).gather(2, flat).reshape(b, c, h, w)

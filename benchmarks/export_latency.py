@@ -75,13 +75,14 @@ def other_busy_cores(seconds: float = 1.0) -> float | None:
     return cores * (busy1 - busy0) / max(total1 - total0, 1)
 
 
-def append_history(name: str, result: dict[str, Any]) -> None:
-    """One line per run in results/export_latency_history.jsonl, so a verdict can be read across runs."""
-    from _common import RESULTS, environment
+def append_history(path: Path, result: dict[str, Any]) -> None:
+    """One line per run in results/export_latency_history.jsonl, so a verdict can be read across runs; the date and
+    commit are those ``write_result`` just recorded in ``path``."""
+    from _common import RESULTS
 
-    env = environment()
+    env = json.loads(path.read_text())["environment"]
     row = {
-        "result": name,
+        "result": path.stem,
         "date": env["date"],
         "commit": env["commit"],
         "threads": result["threads"],
@@ -299,7 +300,7 @@ def main() -> None:
     if args.threads != 2:
         name += f"_threads{args.threads}"
     path = write_result(name, result)
-    append_history(name, result)
+    append_history(path, result)
     print(markdown_table(repeats[-1]))
     keys = ("p50_ms_median", "top1", "ratios", "met", "other_busy_cores_median", "verdict")
     print(json.dumps({k: result[k] for k in keys}, indent=2))

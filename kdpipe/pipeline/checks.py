@@ -32,7 +32,8 @@ def preflight(loaded: LoadedConfig, *, check_requirements: bool = True) -> list[
     nodes = build_graph(loaded)
     data = loaded.config.data
     root = resolve_root(data, loaded.base_dir)
-    if root is not None and not root.exists() and not data.download:
+    downloads = data.download and data.kind in ("cifar10", "cifar100")  # nothing else can be fetched into root
+    if root is not None and not root.exists() and not downloads:
         raise DataError(
             f"{loaded.where(('data', 'root'))}: data.root: {root} does not exist",
             hint="fix the path (relative paths are resolved against the stages.yaml folder)",

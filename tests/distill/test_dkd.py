@@ -1,6 +1,6 @@
 """DKD: golden values, the paper's decomposition identity, warm-up, fp32 under low precision, and a real-data run.
 
-Golden numbers were computed once, independently of kdpipe, in float64 numpy from shared/methods/baselines.md:
+Golden numbers come from tests/reference/baselines.py (float64 numpy, independent of kdpipe) on shared/methods/baselines.md:
 softmax with max-subtraction; TCKD = KL over [p_y, 1 - p_y]; NCKD = KL over a softmax of the non-target logits
 (the target entry removed, not masked); batch means; total = CE + min(epoch/warmup, 1) · τ² · (α·TCKD + β·NCKD).
 """
@@ -15,11 +15,13 @@ from torch import nn
 from kdpipe.distill.methods import create_method
 from kdpipe.distill.methods.dkd import DKDParams, dkd_parts
 from kdpipe.distill.methods.kd import KDParams
+from tests.reference import baselines as ref
 
 from .conftest import CHANCE, DigitsRun, test_top1
 
-STUDENT = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]])
-TEACHER = torch.tensor([[1.5, 0.0, -0.5], [-1.0, 2.5, 1.0]])
+STUDENT_ROWS = [[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]]  # exact decimals for the float64 reference
+TEACHER_ROWS = [[1.5, 0.0, -0.5], [-1.0, 2.5, 1.0]]
+STUDENT, TEACHER = torch.tensor(STUDENT_ROWS), torch.tensor(TEACHER_ROWS)
 TARGETS = torch.tensor([0, 2])
 GOLDEN_PARTS = {1.0: (0.7099768408123152, 0.49361980672634687), 4.0: (0.033122508451087274, 0.056663455845739064)}
 GOLDEN_TOTAL_T4 = 7.958338864061307  # after warm-up: CE + 16 · (TCKD + 8 · NCKD)
@@ -77,3 +79,13 @@ def test_dkd_trains_on_digits(digits: DigitsRun, tmp_path) -> None:
     # The same budget with plain KD lands in the same range: DKD is not broken relative to its baseline.
     kd_method, _ = digits.train(KDParams(), epochs=4, tmp_path=tmp_path / "kd")
     assert top1 > test_top1(kd_method.deployable(), digits.splits) - 0.1
+
+
+def test_goldens_are_the_float64_reference() -> None:
+    """The literals above are what tests/reference/baselines.py (numpy, from the paper's formulas) gives."""
+    for temperature, golden in GOLDEN_PARTS.items():
+        assert ref.dkd_parts(STUDENT_ROWS, TEACHER_ROWS, TARGETS, temperature) == pytest.approx(golden, abs=1e-12)
+    assert ref.dkd_total(STUDENT_ROWS, TEACHER_ROWS, TARGETS) == pytest.approx(GOLDEN_TOTAL_T4, abs=1e-12)
+    assert ref.dkd_total(STUDENT_ROWS, TEACHER_ROWS, TARGETS, warmup=1 / 20) == pytest.approx(
+        GOLDEN_TOTAL_T4_FIRST_EPOCH, abs=1e-12
+    )

@@ -15,9 +15,11 @@ from kdpipe.distill.methods import create_method
 from kdpipe.distill.methods.ce import CEParams
 from kdpipe.distill.methods.kd import KDParams, kd_loss
 from kdpipe.registry import METHODS
+from tests.reference import baselines as ref
 
-STUDENT = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]])
-TEACHER = torch.tensor([[1.5, 0.0, -0.5], [-1.0, 2.5, 1.0]])
+STUDENT_ROWS = [[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]]  # exact decimals for the float64 reference
+TEACHER_ROWS = [[1.5, 0.0, -0.5], [-1.0, 2.5, 1.0]]
+STUDENT, TEACHER = torch.tensor(STUDENT_ROWS), torch.tensor(TEACHER_ROWS)
 TARGETS = torch.tensor([0, 2])
 GOLDEN_CE = 0.1754563805893112
 GOLDEN_KL = {1.0: 0.9839359606362901, 4.0: 1.1132193410196323}  # τ² · KL, batch mean
@@ -81,3 +83,11 @@ def test_registered_methods_have_params_and_docstrings() -> None:
 def test_kd_requires_teacher() -> None:
     with pytest.raises(ValueError, match="needs a teacher"):
         create_method(KDParams(), nn.Linear(3, 3), None)
+
+
+def test_goldens_are_the_float64_reference() -> None:
+    """The literals above are what tests/reference/baselines.py (numpy, from the formulas) gives."""
+    assert ref.cross_entropy(STUDENT_ROWS, TARGETS) == pytest.approx(GOLDEN_CE, abs=1e-12)
+    for temperature, golden in GOLDEN_KL.items():
+        assert ref.kd(STUDENT_ROWS, TEACHER_ROWS, temperature) == pytest.approx(golden, abs=1e-12)
+    assert ref.kd_total(STUDENT_ROWS, TEACHER_ROWS, TARGETS) == pytest.approx(GOLDEN_KD_TOTAL_T4, abs=1e-12)

@@ -13,10 +13,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
 
+from kdpipe.data import BatchLoader
 from kdpipe.distill.methods import create_method
 from kdpipe.distill.methods.base import MethodContext
 from kdpipe.distill.methods.ffsd import (
@@ -39,6 +41,7 @@ from kdpipe.distill.methods.ffsd import (
 from kdpipe.distill.taps import Taps, select_stages, stage_specs
 from kdpipe.models.factory import create_model
 from kdpipe.registry import METHODS
+from tests.reference import baselines as ref
 
 from .conftest import DigitsRun, fit, test_top1
 
@@ -239,3 +242,55 @@ def test_ffsd_trains_the_leader_on_digits(digits: DigitsRun, tmp_path: Path) -> 
     print(f"ffsd digits: leader {top1:.3f}, rows {rows[-1]}, {result.seconds:.1f}s")
     assert top1 > 0.6
     assert rows[-1]["eval_top1_student0"] > 0.6 and rows[-1]["eval_top1_student1"] > 0.6
+
+
+def test_every_network_total_is_its_weighted_warmed_up_terms(digits: DigitsRun) -> None:
+    """Each network's loss (students, Φ, leader, decoders) equals the spec's weighted sum of its terms at a warm-up
+    epoch, with the logit terms from the float64 reference: dropping the leader's KD term, swapping λ_fus and λ_div,
+    or skipping the warm-up fails here. Distinct λs (not the recipe's) so a swap changes the sum."""
+    params = FFSDParams(div_weight=0.3, fus_weight=2.0, sd_weight=5.0, temperature=2.0)
+    torch.manual_seed(0)
+    method = create_method(params, digits.student(), None, digits.context())
+    method.train()
+    method.on_epoch_start(1, 10)  # the 2nd (1-based) epoch: λ(e) = λ·exp(−5(1 − 2/5)²)
+    ramp = math.exp(-5 * (1 - 2 / 5) ** 2)
+    images, targets = next(
+        iter(
+            BatchLoader(digits.splits.train, batch_size=32, train=False, mean=digits.splits.mean, std=digits.splits.std)
+        )
+    )
+    step = method.losses(images, targets)
+    p = step.parts
+    tau = 2.0
+
+    def np64(t: Tensor) -> np.ndarray:
+        return t.detach().double().numpy()
+
+    with torch.no_grad():
+        student_logits = [np64(s(images)) for s in method.students]
+    leader, fused = np64(step.leader_logits), np64(step.fused_logits)
+
+    assert p["ce_leader"].item() == pytest.approx(ref.cross_entropy(leader, targets), rel=1e-5)
+    assert p["kd_leader"].item() == pytest.approx(ref.kd(leader, fused, tau), rel=1e-5)
+    leader_total = p["ce_leader"] + p["kd_leader"] + ramp * 2.0 * (p["fus_leader"] + p["trans_leader"] + p["sd_leader"])
+    assert step.leader.item() == pytest.approx(leader_total.item(), rel=1e-5)
+    assert p["fus_leader"].item() > 0 and p["kd_leader"].item() > 0
+
+    mean_logits = np.mean(student_logits, axis=0)
+    assert step.fusion.item() == pytest.approx(
+        ref.cross_entropy(fused, targets) + ref.kd(fused, mean_logits, tau), rel=1e-5
+    )
+
+    s0, s1 = student_logits
+    assert step.students[0].item() == pytest.approx(ref.cross_entropy(s0, targets) + ref.kd(s0, s1, tau), rel=1e-5)
+    own = ref.cross_entropy(s1, targets) + ref.kd(s1, s0, tau)
+    diversity = ramp * 0.3 * (p["div_student1"].item() + p["sd_student1"].item())
+    assert p["div_student1"].item() > 0 and step.students[1].item() == pytest.approx(own + diversity, rel=1e-5)
+
+    with torch.no_grad():
+        maps = method._student_taps[1](images)[1]
+        leader_maps = method._leader_taps(images)[1]
+        fit_1 = method.decoder_fit(method.decoders[0], maps).item()
+        fit_leader = method.decoder_fit(method.leader_decoder, leader_maps).item()
+    assert step.decoders["decoder1"].item() == pytest.approx(ramp * 5.0 * fit_1, rel=1e-5)
+    assert step.decoders["decoder_leader"].item() == pytest.approx(ramp * 5.0 * fit_leader, rel=1e-5)

@@ -42,8 +42,9 @@ tap k+1 to tap k with the channels of ``feature_info`` and stride r = reduction_
 3x3, padding 1, output padding r−1; a 3x3 conv when r = 1); each output is resized to the tap's size when odd input
 sizes make them differ. ``decoder_relu=False`` drops the decoder's final ReLU (for GELU/pre-norm features). Θ guard:
 with N < 3 no position is in the "bottom third", so t = ν − â everywhere. Decoder targets are produced under
-``no_grad`` (the code detaches them). Φ, TransFusion keep the code's init (Φ convs N(0, √(2/(k²·out))), TransFusion
-and decoders PyTorch default). Helpers compute in fp32 (fp64 inputs stay fp64). Logged parts are unweighted terms.
+``no_grad`` (the code detaches them). Φ and TransFusion keep the code's init (convs N(0, √(2/(k²·out))), BN
+weight 1 / bias 0: both are built inside the official network, whose init loop covers them); the decoders keep
+PyTorch's default. Helpers compute in fp32 (fp64 inputs stay fp64). Logged parts are unweighted terms.
 
 Optimizers: students and leader(+TransFusion) the stage's optimizer (recipe: SGD nesterov, wd 1e-4); Φ the same with
 weight decay 1e-5; decoders ``torch.optim.Adam`` (L2 weight decay, not AdamW) lr 1e-3 wd 1e-4. All follow the stage's
@@ -191,10 +192,16 @@ def leader_terms(
 
 
 def _dw_pw(c_in: int, c_out: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """Depthwise 3x3 + BN + ReLU, then pointwise 1x1 + BN + ReLU, initialised as the official networks initialise
+    every conv they own: N(0, √(2/n)) with n = k²·out_channels (He's fan-out normal; BN weight 1, bias 0 is
+    PyTorch's default already)."""
     depthwise = nn.Sequential(
         nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in, bias=False), nn.BatchNorm2d(c_in), nn.ReLU()
     )
     pointwise = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+    for conv in (depthwise[0], pointwise[0]):
+        fan_out = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
+        nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / fan_out))
     return depthwise, pointwise
 
 
@@ -205,9 +212,6 @@ class FusionModule(nn.Module):
         super().__init__()
         self.depthwise, self.pointwise = _dw_pw(channels * num_students, channels)
         self.fc = nn.Linear(channels, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         fused = self.pointwise(self.depthwise(x))

@@ -294,3 +294,15 @@ def test_every_network_total_is_its_weighted_warmed_up_terms(digits: DigitsRun) 
         fit_leader = method.decoder_fit(method.leader_decoder, leader_maps).item()
     assert step.decoders["decoder1"].item() == pytest.approx(ramp * 5.0 * fit_1, rel=1e-5)
     assert step.decoders["decoder_leader"].item() == pytest.approx(ramp * 5.0 * fit_leader, rel=1e-5)
+
+
+def test_fusion_and_trans_fusion_convs_use_the_official_init() -> None:
+    """N(0, √(2/n)), n = k²·out_channels, as the official network's init loop gives every conv it owns (PyTorch's
+    default would be ~0.07 for the 1x1 and ~0.19 for the depthwise 3x3 here)."""
+    torch.manual_seed(0)
+    for module in (TransFusion(64, 2), FusionModule(64, 2, 10)):
+        convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+        assert len(convs) == 2
+        for conv in convs:
+            expected = math.sqrt(2.0 / (conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels))
+            assert conv.weight.std().item() == pytest.approx(expected, rel=0.1), (type(module).__name__, conv)

@@ -195,13 +195,13 @@ def _dw_pw(c_in: int, c_out: int) -> tuple[nn.Sequential, nn.Sequential]:
     """Depthwise 3x3 + BN + ReLU, then pointwise 1x1 + BN + ReLU, initialised as the official networks initialise
     every conv they own: N(0, √(2/n)) with n = k²·out_channels (He's fan-out normal; BN weight 1, bias 0 is
     PyTorch's default already)."""
-    depthwise = nn.Sequential(
-        nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in, bias=False), nn.BatchNorm2d(c_in), nn.ReLU()
-    )
-    pointwise = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
-    for conv in (depthwise[0], pointwise[0]):
+    dw_conv = nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in, bias=False)
+    pw_conv = nn.Conv2d(c_in, c_out, 1, bias=False)
+    for conv in (dw_conv, pw_conv):
         fan_out = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
         nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / fan_out))
+    depthwise = nn.Sequential(dw_conv, nn.BatchNorm2d(c_in), nn.ReLU())
+    pointwise = nn.Sequential(pw_conv, nn.BatchNorm2d(c_out), nn.ReLU())
     return depthwise, pointwise
 
 

@@ -210,6 +210,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
         "top1_last_test": metrics["top1"],
         "params": metrics.get("params"),
         "distill_train_seconds": info.get("train_seconds"),
+        "stopped_early": info.get("stopped_early"),  # the epoch (1-based) early stopping ended the run, or None
     }
     networks = metrics.get("networks") or {}
     if "teacher" in networks:  # an online method trained the teacher stage's network too
@@ -302,6 +303,7 @@ def summarize(recipe: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "teacher_target": asdict(targets["teacher-target"]) if "teacher-target" in targets else None,
         "minutes_wall": statistics.fmean(r["seconds"] for r in rows) / 60 if rows else None,
         "minutes_distill": _mean_minutes([r.get("distill_train_seconds") for r in ok]),
+        "stopped_early": [r.get("stopped_early") for r in ok],
     }
     return summary
 
@@ -360,8 +362,12 @@ def markdown(summaries: list[dict[str, Any]], env: dict[str, Any], smoke: bool, 
         if s.get("teacher_target"):
             teacher += f" / {_published(s['teacher_target'])}"
         minutes = [f"{m:.1f}" if m is not None else "—" for m in (s["minutes_distill"], s["minutes_wall"])]
+        epochs = str(s.get("epochs") or "—")
+        stopped = [e for e in s.get("stopped_early") or [] if e is not None]
+        if stopped:  # early stopping ended these seeds' runs before the configured epochs
+            epochs += f" (stopped early: {', '.join(map(str, stopped))})"
         lines.append(
-            f"| `{s['recipe']}` | {pair} | {seeds} | {s.get('epochs') or '—'} | {best} | "
+            f"| `{s['recipe']}` | {pair} | {seeds} | {epochs} | {best} | "
             f"{_pm(s['top1_last_test'], n)} | {_published(s.get('target'))} | {delta} | {teacher} | "
             f"{minutes[0]} | {minutes[1]} |"
         )

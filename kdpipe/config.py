@@ -130,6 +130,10 @@ class EarlyStoppingConfig(StrictModel):
     """Improving means beating the best top-1 (a fraction) by more than this."""
     restore_best: bool = True
     """End with the weights of the best evaluation; false keeps the last epoch's."""
+    start_epoch: int = Field(0, ge=0)
+    """Evaluations after epochs up to this one (1-based) only track the best; patience counts from the first one
+    after it. Set it to the last lr decay of a step schedule so a run is not stopped at the high lr before its
+    decays would have helped (the TGeo-KD recipes: 210)."""
 
 
 class TrainConfig(StrictModel):

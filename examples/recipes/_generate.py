@@ -61,7 +61,9 @@ class Train:
     milestones: tuple[int, ...]
     nesterov: bool = False
     patience: int | None = None
-    """train.early_stopping.patience (evaluations without a validation gain), or no early stopping."""
+    """train.early_stopping.patience (evaluations without a validation gain), or no early stopping. Patience counts
+    only after the last milestone (start_epoch): the paper's runs decay the lr at 150/180/210, and a run stopped at
+    lr 0.1 before the first decay would never see them."""
 
     def render(self, indent: str) -> list[str]:
         milestones = ", ".join(str(m) for m in self.milestones)
@@ -75,7 +77,11 @@ class Train:
             f"{indent}  nesterov: {'true' if self.nesterov else 'false'}",
             f"{indent}  weight_decay: {_num(self.weight_decay)}",
             f"{indent}  schedule: {{name: step, milestones: [{milestones}], gamma: 0.1}}",
-            *([f"{indent}  early_stopping: {{patience: {self.patience}}}"] if self.patience else []),
+            *(
+                [f"{indent}  early_stopping: {{patience: {self.patience}, start_epoch: {max(self.milestones)}}}"]
+                if self.patience
+                else []
+            ),
         ]
 
 

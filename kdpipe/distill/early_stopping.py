@@ -3,7 +3,9 @@
 Training stops once ``patience`` evaluations in a row (one every ``train.eval_every`` epochs) have not beaten the
 best top-1 by more than ``min_delta``; the network then gets the weights it had at its best evaluation back
 (``restore_best``), as Keras' ``EarlyStopping(restore_best_weights=True)`` and Ultralytics' ``patience`` with
-best.pt do. TGeo-KD's protocol is patience 10 on a validation split [paper, App. A.2].
+best.pt do. TGeo-KD's protocol is patience 10 on a validation split [paper, App. A.2]; ``start_epoch`` keeps misses
+before a given epoch (the last lr decay of a step schedule) from counting, so a run is not stopped at its first,
+high lr.
 
 The decision is only as honest as the split it reads: the stages refuse early stopping when ``data.val_fraction`` is
 0, where "eval" would be the test split. Its state (best, the count, the best weights) lives in the training
@@ -41,6 +43,8 @@ class EarlyStopping:
             self.best, self.best_epoch, self.evals_since_best = top1, epoch, 0
             if self.cfg.restore_best:
                 self._best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.network.state_dict().items()}
+            return False
+        if epoch <= self.cfg.start_epoch:  # before start_epoch a miss is not counted (the lr has not decayed yet)
             return False
         self.evals_since_best += 1
         if self.evals_since_best >= self.cfg.patience:

@@ -48,6 +48,16 @@ def test_update_counts_evaluations_without_a_gain_and_restores_the_best() -> Non
     assert not keep_last.finish()
 
 
+def test_misses_before_start_epoch_do_not_count() -> None:
+    """SCRIPT's misses after epochs 3 and 4 fall before start_epoch 4 (the last lr decay, say): only the miss after
+    epoch 5 onwards counts, and a gain after the start resets the count as usual."""
+    stopper = EarlyStopping(EarlyStoppingConfig(patience=2, min_delta=0.01, start_epoch=4), nn.Linear(2, 2))
+    stops = [stopper.update(top1, epoch) for epoch, top1 in enumerate([0.50, 0.70, 0.60, 0.60, 0.65, 0.66], 1)]
+    assert stops == [False] * 5 + [True] and stopper.stopped_epoch == 6 and stopper.best_epoch == 2
+    counting = EarlyStopping(EarlyStoppingConfig(patience=2, min_delta=0.01), nn.Linear(2, 2))
+    assert [counting.update(top1, epoch) for epoch, top1 in enumerate([0.50, 0.70, 0.60, 0.60], 1)][-1]
+
+
 @pytest.fixture
 def scripted_eval(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """The trainer's evaluations are real, but report SCRIPT's top-1 in order; yields the call counter."""

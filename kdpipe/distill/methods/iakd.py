@@ -4,77 +4,93 @@ Paper: Fu, Li, Xu, Cheng, Liu, Yang, "Interactive Knowledge Distillation" (for I
 2021, arXiv 2007.01476. Only the abstract was readable and no official code exists, so the training step below is
 the reconstruction of shared/methods/offline.md §2.2; every choice marked [our default] is ours, not the paper's.
 
-Both networks are cut into stem | stage_1..stage_N | head by a per-family executor (kdpipe's CIFAR nets and timm's
-ResNet family; anything else is refused by :meth:`IAKD.check_pair`). Per mini-batch, with b_i ~ Bernoulli(p_t):
+Both networks are cut into stem | stage_1..stage_N | head by a stage executor (``_stages``: kdpipe's CIFAR nets and
+any timm CNN whose ``forward_features`` chains its ``feature_info`` stages on NCHW maps — ResNet, MobileNetV3,
+EfficientNet, ConvNeXt, RegNet, ...), and student and teacher stages are grouped into K swappable pairs of spans that
+end at the same stride (``_stage_pairs``). Per mini-batch, with b_k ~ Bernoulli(p_t):
 
-    h_0 = stem_s(x);  h_i = T̃_i(h_{i−1}) if b_i else S_i(h_{i−1});  z_h = head_s(h_N)
+    h_0 = stem_s(x);  h_k = T̃_k(h_{k−1}) if b_k else S_k(h_{k−1});  z_h = head_s(tail_s(h_K))
     L = w_ce · CE(z_h, y) + w_kd · τ² · KL(softmax(z_t/τ) ‖ softmax(z_h/τ))     (+ w_hint · hint during warm-up)
 
 with z_t from a separate full teacher forward under inference mode. Teacher stages are frozen and in eval mode, but
 autograd runs THROUGH them: the gradient that reaches upstream student stages via a swapped teacher stage is the
-teacher's "feedback". Where stage shapes differ, T̃_i = A_out ∘ T_i ∘ A_in with 1x1 conv + BN adapters and a resize
-(§2.6, our extension); the adapters are owned here, trained with the student and never exported.
+teacher's "feedback". S_k and T_k are the student and teacher spans of pair k; where shapes differ,
+T̃_k = A_out ∘ T_k ∘ A_in with 1x1 conv + BN adapters and a resize (§2.6, our extension); the adapters are owned
+here, trained with the student and never exported.
 
 [our default] choices:
 
-- Blocks are whole stages; student stage i pairs with teacher stage i, so both must have the same stage count.
-- One draw per stage per mini-batch, shared by all samples; if every stage would be swapped, one stage chosen
-  uniformly at random stays the student's (otherwise the student trunk gets no direct training signal).
+- Stages end at the ``feature_info`` stage modules; the stride-2 stem level of a five-level pyramid (ResNet's
+  ``act1``, EfficientNet's ``blocks.0``) belongs to the stem (``_stages``).
+- Blocks are spans of whole stages, paired by stride (``_stage_pairs``): at each stride both networks' stages reach,
+  a pair ends after the last stage of either network at that stride; stages before the first common stride join
+  the first pair (whose A_in resizes when the stems differ in stride), student stages after the last one (the tail
+  S_tail) are never swapped, teacher stages there never run. Networks of one stride layout (two timm ImageNet CNNs,
+  two CIFAR ResNets) pair stage for stage. A pair of networks where no swap would leave a student stage in the
+  hybrid is refused (CIFAR resnet8 with timm resnet18: their one common stride is the student's last).
+- One draw per pair per mini-batch, shared by all samples; if every pair would be swapped and the student has no
+  tail, one pair chosen uniformly at random stays the student's (otherwise the student trunk gets no direct
+  training signal).
 - The student's stem and head are always used: they must be trained and the head is the deployed one.
 - Loss weights w_ce = 1, w_kd = 1, τ = 4 (kd_weight = 0 is the "pure swapping" ablation).
 - Swap probability per epoch e of E: linear p_t = p0·max(0, 1 − e/(γ·E)) with p0 = 0.5, γ = 0.75, so the last
   25 % of epochs train the pure student and its BN statistics settle on student activations (pitfall 3);
   "cosine" is p0·(1 + cos(π·min(1, e/(γ·E))))/2 and "constant" is p0 (no pure-student finish: an ablation).
 - Adapter warm-up (only for pairs that need adapters): no swapping for the first 2 epochs, during which the adapters
-  learn FitNet-style hints from the teacher's own features — MSE(A_in(h_{i−1}), t_{i−1}) maps student inputs into
-  the teacher's space and MSE(A_out(t_i), h_i) maps the teacher's outputs back — with the student features detached,
-  so the student itself trains exactly as plain KD meanwhile. The schedule then starts at p0 and reaches 0 at γ·E
-  (e is shifted by the warm-up). Hint weight 1. Pairs that need no adapters have no warm-up.
+  learn FitNet-style hints from the teacher's own features — MSE(A_in(h_{k−1}), t_in) maps student inputs into the
+  teacher's space and MSE(A_out(t_out), h_k) maps the teacher's outputs back (t_in, t_out: the teacher's maps at the
+  start and end of T_k) — with the student features detached, so the student itself trains exactly as plain KD
+  meanwhile. The schedule then starts at p0 and reaches 0 at γ·E (e is shifted by the warm-up). Hint weight 1.
+  Pairs that need no adapters have no warm-up.
 - Resizes keep the dry-run ratio of the two maps (avg-pool down by ≥ 2, else bilinear); A_in is conv then resize,
   A_out likewise.
 - Teacher activations of swapped stages are kept for backward; ``checkpoint_teacher`` recomputes them instead.
 
 Taps: none (stage executors, not hooks). Teacher: frozen. Logged per epoch: ``swap_p``, ``swap_fraction`` (swapped
-stages / all stages over the epoch's steps) and ``hybrid_top1``; ``eval_top1`` is the pure student.
+pairs / all pairs over the epoch's steps) and ``hybrid_top1``; ``eval_top1`` is the pure student.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Sequence
+from typing import ClassVar, Literal
 
 import timm
 import torch
 import torch.nn.functional as F
 from pydantic import Field, PositiveFloat
-from timm.models.resnet import ResNet
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from kdpipe.distill.methods._stage_pairs import StagePair, pair_by_stride, unpairable_message, usable
+from kdpipe.distill.methods._stages import StageExecutor, create_executor
 from kdpipe.distill.methods.base import KDMethod, MethodContext, MethodParams
 from kdpipe.distill.methods.kd import kd_loss
 from kdpipe.distill.taps import ConvAdapter, resize_to
-from kdpipe.models._base import CifarNet
 from kdpipe.registry import METHODS
 
-__all__ = ["IAKD", "IAKDParams", "StageExecutor", "create_executor", "iakd_loss", "swap_probability"]
+__all__ = [
+    "IAKD",
+    "IAKDParams",
+    "StageExecutor",
+    "StagePair",
+    "create_executor",
+    "iakd_loss",
+    "pair_by_stride",
+    "swap_probability",
+]
 
 log = logging.getLogger(__name__)
 
 Schedule = Literal["linear", "constant", "cosine"]
 Shape = tuple[int, int, int]
-Fn = Callable[[Tensor], Tensor]
 
-SUPPORTED_FAMILIES = (
-    "kdpipe CIFAR nets (CifarNet: resnet8..resnet110, resnet8x4, resnet32x4, resnet50_cifar, wrn_*, vgg*_cifar, "
-    "mobilenetv2_x0_5_cifar, shufflenet_v1/v2) and timm's ResNet family (timm.models.resnet.ResNet: "
-    "resnet18/34/50/..., resnet*d, seresnet*, resnext*, wide_resnet*)"
+SUPPORTED = (
+    "iakd needs CNNs whose forward_features runs the feature_info stages one after another on NCHW maps: kdpipe's "
+    "CIFAR nets and timm's ResNet, MobileNetV3, EfficientNet, ConvNeXt, RegNet (and alike) families"
 )
-# Entrypoint modules whose models can be ResNet/CifarNet; anything else is refused before building a model.
-_FAMILY_MODULES = ("timm.models.resnet", "kdpipe.models.")
 _SOURCE_PREFIXES = ("hf-hub:", "local-dir:")
 
 
@@ -123,78 +139,27 @@ def iakd_loss(hybrid_logits: Tensor, teacher_logits: Tensor, targets: Tensor, pa
     return {"loss": params.ce_weight * ce + params.kd_weight * kd, "ce": ce.detach(), "kd": kd.detach()}
 
 
-# --- stage executors ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StageExecutor:
-    """A network run piecewise: ``head(stages[N-1](...stages[0](stem(x))))`` equals ``model(x)``.
-
-    A plain object, not a module: wrapping the teacher in one registers none of its parameters anywhere.
-    """
-
-    family: str
-    stem: Fn
-    stages: tuple[Fn, ...]
-    head: Fn
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x)[-1])
-
-    def features(self, x: Tensor) -> list[Tensor]:
-        """[stem output, stage_1 output, ..., stage_N output]: the inputs and outputs of every stage."""
-        feats = [self.stem(x)]
-        for stage in self.stages:
-            feats.append(stage(feats[-1]))
-        return feats
-
-
-def _chain(modules: Sequence[nn.Module]) -> Fn:
-    def run(x: Tensor) -> Tensor:
-        for module in modules:
-            x = module(x)
-        return x
-
-    return run
-
-
-def create_executor(model: nn.Module) -> StageExecutor:
-    """The stem | stages | head executor of a supported model; ``ValueError`` naming the supported families else."""
-    if isinstance(model, CifarNet):
-        neck = _chain(model._neck())
-        head: Fn = lambda h: model.forward_head(neck(h))  # noqa: E731
-        return StageExecutor("cifar", _chain(model._stem()), tuple(_chain(s) for s in model._tap_stages()), head)
-    if isinstance(model, ResNet):
-        stem = _chain([model.conv1, model.bn1, model.act1, model.maxpool])
-        stages = tuple(_chain([getattr(model, f"layer{i}")]) for i in range(1, 5))
-        return StageExecutor("timm-resnet", stem, stages, model.forward_head)
-    raise ValueError(f"iakd has no stage executor for {type(model).__name__}; it supports {SUPPORTED_FAMILIES}")
-
-
-def _family_of(name: str, role: str) -> tuple[str, int] | None:
-    """(family, stage count) of model ``name`` from a meta-device build (no memory, no weights); None when the name
-    is a hub/folder source that cannot be resolved offline (the constructor checks it then)."""
+def _meta_executor(name: str, role: str, pair: str) -> StageExecutor | None:
+    """The executor of model ``name`` built on the meta device (no memory, no weights); None when the name is a
+    hub/folder source that cannot be resolved offline or timm cannot build it there (the constructor checks it)."""
     arch = name
     if name.startswith(_SOURCE_PREFIXES):
         arch = name.split(":", 1)[1].rstrip("/").rsplit("/", 1)[-1]
         if not timm.is_model(arch):
-            log.info("iakd: cannot check the family of %s %r before building it", role, name)
+            log.info("iakd: cannot check the stages of %s %r before building it", role, name)
             return None
     if not timm.is_model(arch):
         raise ValueError(f"{role} {name!r} is not a model timm knows")
-    module = timm.models.model_entrypoint(arch).__module__
-    if not module.startswith(_FAMILY_MODULES):
-        raise ValueError(
-            f"iakd swaps whole stages and needs a stage executor for the {role} {name!r} ({module}); "
-            f"supported families: {SUPPORTED_FAMILIES}. Pick a {role} from these families or another KD method"
-        )
     try:
         with torch.device("meta"):
             model = timm.create_model(arch)
-        executor = create_executor(model)
+    except Exception as exc:  # a model that cannot be built on meta is checked when it is really built
+        log.info("iakd: cannot build %s %r on the meta device to check it (%s)", role, name, exc)
+        return None
+    try:
+        return create_executor(model)
     except ValueError as exc:
-        raise ValueError(f"{role} {name!r}: {exc}") from exc
-    return executor.family, len(executor.stages)
+        raise ValueError(f"{pair}: it cannot cut the {role} {name!r} into stages ({exc}). {SUPPORTED}") from exc
 
 
 # --- adapters -----------------------------------------------------------------------------------------------------
@@ -247,6 +212,12 @@ class StageAdapter(nn.Module):
 class IAKD(KDMethod):
     """Interactive KD by stage swapping (see module docstring)."""
 
+    provenance: ClassVar[str] = (
+        "a reconstruction: only the paper's abstract was readable and no official code exists, so the swapping "
+        "step follows shared/methods/offline.md §2; choices marked [our default] are kdpipe's, and no published "
+        "CIFAR number exists to check it against"
+    )
+
     Params = IAKDParams
     params: IAKDParams
 
@@ -259,14 +230,24 @@ class IAKD(KDMethod):
     ) -> None:
         super().__init__(params, student, teacher, context)
         assert self.teacher is not None  # teacher_role "frozen": the base class refused a missing teacher
-        self.student_exec = create_executor(student)
-        self.teacher_exec = create_executor(self.teacher)
-        n_s, n_t = len(self.student_exec.stages), len(self.teacher_exec.stages)
-        if n_s != n_t:
-            raise ValueError(_stage_count_message(type(student).__name__, n_s, type(self.teacher).__name__, n_t))
+        ctx = self.require_context()
+        self.student_exec = create_executor(student, ctx.input_shape)
+        self.teacher_exec = create_executor(self.teacher, ctx.input_shape)
+        s_red, t_red = self.student_exec.reductions, self.teacher_exec.reductions
+        self.pairs: tuple[StagePair, ...] = tuple(pair_by_stride(s_red, t_red))
+        if not usable(self.pairs, len(s_red)):
+            names = ctx.student_name or type(student).__name__, ctx.teacher_name or type(self.teacher).__name__
+            raise ValueError(unpairable_message(names[0], s_red, names[1], t_red))
+        self.has_tail = self.pairs[-1].student[1] < len(s_red)
         s_shapes, t_shapes = self._dry_shapes(student), self._dry_shapes(self.teacher)
         self.adapters = nn.ModuleList(
-            StageAdapter(s_shapes[i], t_shapes[i], t_shapes[i + 1], s_shapes[i + 1]) for i in range(n_s)
+            StageAdapter(
+                s_shapes[pair.student[0]],
+                t_shapes[pair.teacher[0]],
+                t_shapes[pair.teacher[1]],
+                s_shapes[pair.student[1]],
+            )
+            for pair in self.pairs
         )
         self.has_adapters = any(a.maps_in or a.maps_out for a in self.adapters)
         self._reset_stats()
@@ -275,9 +256,10 @@ class IAKD(KDMethod):
     def check_pair(cls, params: MethodParams, student: str, teacher: str | None) -> None:
         if teacher is None:
             raise ValueError("iakd swaps teacher stages into the student and needs a teacher")
-        s, t = _family_of(student, "student"), _family_of(teacher, "teacher")
-        if s is not None and t is not None and s[1] != t[1]:
-            raise ValueError(_stage_count_message(student, s[1], teacher, t[1]))
+        pair = f"iakd cannot pair student {student!r} with teacher {teacher!r}"
+        s, t = _meta_executor(student, "student", pair), _meta_executor(teacher, "teacher", pair)
+        if s is not None and t is not None and not usable(pair_by_stride(s.reductions, t.reductions), len(s.stages)):
+            raise ValueError(unpairable_message(student, s.reductions, teacher, t.reductions))
 
     def _dry_shapes(self, model: nn.Module) -> list[Shape]:
         """(C, H, W) of the stem output and every stage output for one input of the context's shape."""
@@ -304,40 +286,45 @@ class IAKD(KDMethod):
         return swap_probability(self.epoch, self.epochs, self.params, self.warmup_epochs)
 
     def draw_swaps(self, p: float | None = None) -> list[bool]:
-        """b_i ~ Bernoulli(p) per stage (p defaults to p_t), never all True: then one random stage stays the
-        student's."""
+        """b_k ~ Bernoulli(p) per stage pair (p defaults to p_t); all True only when the student keeps a tail of its
+        own stages, else one random pair stays the student's."""
         p = self.swap_p if p is None else p
-        n = len(self.student_exec.stages)
+        n = len(self.pairs)
         if p <= 0.0:
             return [False] * n
         swaps = (torch.rand(n) < p).tolist()
-        if all(swaps):
+        if all(swaps) and not self.has_tail:
             swaps[int(torch.randint(n, (1,)))] = False
         return swaps
 
     # -- forward passes --------------------------------------------------------------------------------------------
 
-    def teacher_stage(self, i: int, h: Tensor) -> Tensor:
-        """A_out ∘ T_i ∘ A_in on the student map ``h``, with autograd through the frozen teacher stage."""
-        adapter = self.adapters[i]
+    def teacher_span(self, k: int, h: Tensor) -> Tensor:
+        """A_out ∘ T_k ∘ A_in on the student map ``h`` (T_k: the teacher stages of pair k), with autograd through
+        the frozen teacher stages."""
+        adapter = self.adapters[k]
         assert isinstance(adapter, StageAdapter)
         x = adapter.to_teacher(h)
-        stage = self.teacher_exec.stages[i]
+        span = self.teacher_exec.span(*self.pairs[k].teacher)
         if self.params.checkpoint_teacher and torch.is_grad_enabled():
-            y = checkpoint(stage, x, use_reentrant=False)
+            y = checkpoint(span, x, use_reentrant=False)
             assert isinstance(y, Tensor)
         else:
-            y = stage(x)
+            y = span(x)
         return adapter.to_student(y)
 
     def hybrid_forward(self, images: Tensor, swaps: Sequence[bool]) -> tuple[Tensor, list[Tensor]]:
-        """Hybrid logits and [h_0, ..., h_N]; stage i is the teacher's where ``swaps[i]``."""
-        if len(swaps) != len(self.student_exec.stages):
-            raise ValueError(f"{len(swaps)} swap flags for {len(self.student_exec.stages)} stages")
-        feats = [self.student_exec.stem(images)]
-        for i, swap in enumerate(swaps):
-            feats.append(self.teacher_stage(i, feats[-1]) if swap else self.student_exec.stages[i](feats[-1]))
-        return self.student_exec.head(feats[-1]), feats
+        """Hybrid logits and [h_0, ..., h_K], the maps at the pairs' boundaries; pair k runs the teacher's stages
+        where ``swaps[k]``, the student's otherwise; the student's tail stages always follow h_K."""
+        if len(swaps) != len(self.pairs):
+            raise ValueError(f"{len(swaps)} swap flags for {len(self.pairs)} stage pairs")
+        student = self.student_exec
+        feats = [student.stem(images)]
+        for k, swap in enumerate(swaps):
+            h = feats[-1]
+            feats.append(self.teacher_span(k, h) if swap else student.span(*self.pairs[k].student)(h))
+        tail = student.span(self.pairs[-1].student[1], len(student.stages))
+        return student.head(tail(feats[-1])), feats
 
     def teacher_pass(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Teacher logits and stage maps under inference mode, cloned so autograd may save them as targets."""
@@ -347,17 +334,20 @@ class IAKD(KDMethod):
         return logits.clone(), [f.clone() for f in feats]
 
     def hint_loss(self, student_feats: list[Tensor], teacher_feats: list[Tensor]) -> Tensor:
-        """Mean FitNet MSE of the adapters (student maps detached): A_in(h_{i−1}) ≈ t_{i−1}, A_out(t_i) ≈ h_i."""
+        """Mean FitNet MSE of the adapters (student maps detached): A_in(h_{k−1}) ≈ t_in and A_out(t_out) ≈ h_k, with
+        ``student_feats`` the pair boundaries of :meth:`hybrid_forward` and ``teacher_feats`` every teacher stage
+        boundary (:meth:`teacher_pass`)."""
         terms = []
-        for i, adapter in enumerate(self.adapters):
+        for k, (adapter, pair) in enumerate(zip(self.adapters, self.pairs, strict=True)):
             assert isinstance(adapter, StageAdapter)
             if adapter.maps_in:
-                target = teacher_feats[i]
-                mapped = resize_to(adapter.into(student_feats[i].detach()), _hw(target))
+                target = teacher_feats[pair.teacher[0]]
+                mapped = resize_to(adapter.into(student_feats[k].detach()), _hw(target))
                 terms.append(F.mse_loss(mapped, target))
             if adapter.maps_out:
-                target = student_feats[i + 1].detach()
-                terms.append(F.mse_loss(resize_to(adapter.back(teacher_feats[i + 1]), _hw(target)), target))
+                target = student_feats[k + 1].detach()
+                back = adapter.back(teacher_feats[pair.teacher[1]])
+                terms.append(F.mse_loss(resize_to(back, _hw(target)), target))
         return torch.stack([t.float() for t in terms]).mean()
 
     def training_step(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
@@ -399,17 +389,9 @@ class IAKD(KDMethod):
             )
 
     def epoch_metrics(self) -> dict[str, float]:
-        n = len(self.student_exec.stages)
+        n = len(self.pairs)
         return {
             "swap_p": self.swap_p,
             "swap_fraction": self._swapped / max(1, self._steps * n),
             "hybrid_top1": self._correct / max(1, self._seen),
         }
-
-
-def _stage_count_message(student: str, n_s: int, teacher: str, n_t: int) -> str:
-    return (
-        f"iakd swaps student stage i with teacher stage i, so both need the same number of stages: student "
-        f"{student!r} has {n_s}, teacher {teacher!r} has {n_t}. Pair CIFAR ResNets/WRNs (3 stages) with each other "
-        "and timm ResNets or mobilenetv2_x0_5_cifar (4 stages) with each other"
-    )

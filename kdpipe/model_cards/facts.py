@@ -58,6 +58,8 @@ class CardFacts:
     extra_sections: dict[str, str] = field(default_factory=dict)
     """Section title -> Markdown, added by later stages (latency table, parity)."""
     library_name: str = "timm"
+    method_provenance: str = ""
+    """Where the method's implementation departs from a published source as a whole ("" when it follows one)."""
 
     def all_results(self) -> list[ModelResult]:
         """Return student, teacher (when present) and extra results, in that order."""

@@ -109,8 +109,10 @@ def _method_section(facts: CardFacts) -> str:
     method = dict(facts.method)
     name = method.pop("name", "unknown")
     teacher = f"Teacher: `{facts.teacher.model_name}`" if facts.teacher else "No teacher (plain training)"
+    provenance = f"**Provenance: `{name}` is {facts.method_provenance}.**\n\n" if facts.method_provenance else ""
     return (
         f"## Method and hyperparameters\n\nMethod: `{name}`. {teacher}; student: `{facts.student.model_name}`.\n\n"
+        f"{provenance}"
         f"{_key_value_table(method, ('hyperparameter', 'value'))}\n\n### Training\n\n{_key_value_table(facts.train)}"
     )
 

@@ -11,7 +11,7 @@ from kdpipe.bench import BenchCell, markdown_table
 from kdpipe.config import StageConfig
 from kdpipe.markdown import table
 from kdpipe.model_cards import CardFacts, ModelResult, write_card
-from kdpipe.registry import STAGES
+from kdpipe.registry import METHODS, STAGES
 from kdpipe.stages.base import Stage, StageContext, StageRecord, StageResult
 from kdpipe.stages.benchmark import copy_plot
 
@@ -145,6 +145,7 @@ class ModelCardStage(Stage):
             teacher=_result("teacher", teacher) if teacher else None,
             extra_results=[],
             method=distill_cfg.method.model_dump(mode="json"),
+            method_provenance=METHODS.get(distill_cfg.method.name).provenance,
             dataset={**splits.describe(), "kind": ctx.pipeline.data.kind},
             train=distill_cfg.train.model_dump(mode="json"),
             gates=list(verify.result["info"]["gates"]) if verify else [],

@@ -301,3 +301,18 @@ def test_unwritable_directory_raises_stage_error(tmp_path: Path) -> None:
     blocker.write_text("not a directory", encoding="utf-8")
     with pytest.raises(StageError, match="cannot write the model card"):
         write_card(blocker, make_facts())
+
+
+def test_reconstructed_methods_say_so_in_the_card() -> None:
+    """DPK and IAKD are reconstructions (no official code, the paper only partly readable): the card of a run says
+    so where the method is named; a method that follows its paper gets no such line."""
+    import kdpipe.distill.methods  # noqa: F401  (registers the methods)
+    from kdpipe.registry import METHODS
+
+    provenance = {entry.name: entry.obj.provenance for entry in METHODS}
+    assert {name for name, text in provenance.items() if text} == {"dpk", "iakd"}
+    assert all("reconstruction" in provenance[name] for name in ("dpk", "iakd"))
+    card = render_card(make_facts(method={"name": "iakd"}, method_provenance=provenance["iakd"]))
+    method_section = card.split("## Method and hyperparameters", 1)[1].split("\n## ", 1)[0]
+    assert "**Provenance: `iakd` is a reconstruction" in method_section
+    assert "Provenance" not in render_card(make_facts())

@@ -121,6 +121,9 @@ class KDMethod(nn.Module):
 
     Params: ClassVar[type[MethodParams]]
     teacher_role: ClassVar[TeacherRole] = "frozen"
+    provenance: ClassVar[str] = ""
+    """Where the implementation departs from a published source as a whole, for the README and the model card: ""
+    when it follows the paper (and its official code where there is one)."""
     needs_val_split: ClassVar[bool] = False
     """True for methods that learn from a held-out split (data.val_fraction must be > 0)."""
     manual_optimization: ClassVar[bool] = False

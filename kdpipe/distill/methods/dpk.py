@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -270,6 +270,12 @@ def _model_device(model: nn.Module) -> torch.device:
 )
 class DPK(KDMethod):
     """Dynamic prior knowledge distillation (see module docstring)."""
+
+    provenance: ClassVar[str] = (
+        "a reconstruction: the official repository is empty and the full paper was not readable, so the training step "
+        "follows its abstract and secondary summaries of it (shared/methods/offline.md §1); choices marked "
+        "[our default] are kdpipe's, and no published CIFAR number exists to check it against"
+    )
 
     Params = DPKParams
     params: DPKParams

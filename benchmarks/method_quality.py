@@ -119,23 +119,28 @@ def make_subset(archive: Path, dest: Path, per_class: int, test_per_class: int |
     done = dest / ".complete"
     if done.is_file():
         return dest
-    kept: dict[tuple[str, str], int] = {}
-    with tarfile.open(archive) as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
-        for member in members:
-            parts = Path(member.name).parts
-            split_at = next((i for i, p in enumerate(parts) if p in ("train", "test")), None)
-            if split_at is None or len(parts) != split_at + 3:
+    counts: dict[tuple[str, str], int] = {}
+    chosen: set[str] = set()
+    with tarfile.open(archive) as tar:  # pass 1: the names (one decompression of the archive)
+        names = sorted(m.name for m in tar.getmembers() if m.isfile())
+    for name in names:
+        parts = Path(name).parts
+        split_at = next((i for i, p in enumerate(parts) if p in ("train", "test")), None)
+        if split_at is None or len(parts) != split_at + 3:
+            continue
+        split, label = parts[split_at], parts[split_at + 1]
+        limit = per_class if split == "train" else test_per_class
+        if limit is None or counts.get((split, label), 0) < limit:
+            counts[(split, label)] = counts.get((split, label), 0) + 1
+            chosen.add(name)
+    with tarfile.open(archive, mode="r|*") as stream:  # pass 2: in archive order (a gzip stream cannot seek back)
+        for member in stream:
+            if member.name not in chosen:
                 continue
-            split, label, file = parts[split_at:]
-            limit = per_class if split == "train" else test_per_class
-            count = kept.get((split, label), 0)
-            if limit is not None and count >= limit:
-                continue
-            kept[(split, label)] = count + 1
-            out = dest / split / label / file
+            split_at = next(i for i, p in enumerate(Path(member.name).parts) if p in ("train", "test"))
+            out = dest.joinpath(*Path(member.name).parts[split_at:])
             out.parent.mkdir(parents=True, exist_ok=True)
-            source = tar.extractfile(member)
+            source = stream.extractfile(member)
             assert source is not None
             out.write_bytes(source.read())
     done.write_text("ok\n")

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+"""The real CIFAR archives beside the checkout (absent in a user's clone)."""
 
 
 def git_commit() -> str:

@@ -40,10 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from _common import RESULTS, write_result
+from _common import RESULTS, SHARED_DATA, write_result
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 IMAGEFOLDER_COPIES = {"cifar10": "cifar10-jpg.tar.gz", "cifar100": "cifar100-jpg.tar.gz"}
 """The recipes name the official CIFAR (kind cifar10/cifar100, downloaded by torchvision); where these ImageFolder
 copies sit in --data-dir (default: ../shared/data beside the checkout, where it exists) the runs use them."""

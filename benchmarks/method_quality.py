@@ -38,10 +38,10 @@ from typing import Any
 
 import kd_table
 import yaml
-from _common import environment, write_result
+from _common import SHARED_DATA, environment, write_result
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+DEFAULT_DATA = SHARED_DATA / "cifar10-jpg.tar.gz"
 TEACHER, STUDENT = "resnet20", "resnet8"
 OFFLINE = ("kd", "dkd", "fusion_ratio", "dpk", "iakd")
 JOINT = ("dml", "switokd")  # train the teacher stage's network with the student
@@ -157,12 +157,6 @@ def _pct(values: list[float | None]) -> list[float]:
     return [100.0 * v for v in values if v is not None]
 
 
-def _mean_std(values: list[float]) -> tuple[float, float] | None:
-    if not values:
-        return None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarize(rows: list[dict[str, Any]], teacher_top1: float | None) -> list[dict[str, Any]]:
     """One entry per method: mean ± std (%) of the best-epoch and last-epoch test top-1, every seed's, the times."""
     out = []
@@ -171,22 +165,22 @@ def summarize(rows: list[dict[str, Any]], teacher_top1: float | None) -> list[di
         if not mine:
             continue
         ok = [r for r in mine if "error" not in r]
-        best, last = _pct([r.get("top1_best") for r in ok]), _pct([r.get("top1_last_test") for r in ok])
+        best_fractions, last_fractions = [r.get("top1_best") for r in ok], [r.get("top1_last_test") for r in ok]
         entry: dict[str, Any] = {
             "method": name,
             "deployed": STUDENT,
             "seeds": [r["seed"] for r in ok],
             "failed": {r["seed"]: r["error"] for r in mine if "error" in r},
-            "best": _mean_std(best),
-            "last": _mean_std(last),
-            "best_per_seed": best,
-            "last_per_seed": last,
+            "best": kd_table.mean_std(best_fractions),
+            "last": kd_table.mean_std(last_fractions),
+            "best_per_seed": _pct(best_fractions),
+            "last_per_seed": _pct(last_fractions),
             "best_epoch_per_seed": [r.get("best_epoch") for r in ok],
             "best_split": ok[0].get("eval_split") if ok else None,  # "val" for fusion_ratio (it holds 10 % out)
             "wall_seconds_per_run": [round(r["seconds"], 1) for r in mine],
         }
         if name in JOINT:  # the jointly trained resnet20 and its own baseline, the independently trained teacher
-            entry["joint_teacher_last"] = _mean_std(_pct([r.get("teacher_top1_last_test") for r in ok]))
+            entry["joint_teacher_last"] = kd_table.mean_std([r.get("teacher_top1_last_test") for r in ok])
             entry["joint_teacher_baseline"] = teacher_top1
         out.append(entry)
     by_name = {e["method"]: e for e in out}

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from _common import environment, write_result
+from _common import SHARED_DATA, environment, write_result
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
     from kdpipe.distill.trainer import Precision
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar100-jpg.tar.gz"
+DEFAULT_DATA = SHARED_DATA / "cifar100-jpg.tar.gz"
 TEACHER, STUDENT = "resnet32x4", "resnet8x4"
 NUM_CLASSES = 100
 SHAPE = (3, 32, 32)

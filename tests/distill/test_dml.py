@@ -1,7 +1,8 @@
 """DML: golden losses, one optimizer per network with disjoint gradients, every network evaluated every epoch, and a
 real-data run on digits where both networks learn from scratch.
 
-Golden numbers were computed once, independently of kdpipe, in float64 numpy from shared/methods/baselines.md:
+Golden numbers come from tests/reference/baselines.py (float64 numpy, independent of kdpipe) on
+shared/methods/baselines.md:
 L_k = CE(z_k, y) + mean over peers j of τ²·KL(softmax(z_j/τ) ‖ softmax(z_k/τ)), KL summed over classes, batch mean.
 """
 
@@ -15,12 +16,14 @@ from torch import nn
 
 from kdpipe.distill.methods import create_method
 from kdpipe.distill.methods.dml import DMLParams, mutual_losses
+from tests.reference import baselines as ref
 
 from .conftest import CHANCE, DigitsRun, fit, test_top1
 
-TEACHER = torch.tensor([[1.5, 0.0, -0.5], [-1.0, 2.5, 1.0]])
-STUDENT = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]])
-PEER = torch.tensor([[0.0, 0.3, -0.2], [1.0, 1.0, 0.0]])
+TEACHER_ROWS = [[1.5, 0.0, -0.5], [-1.0, 2.5, 1.0]]  # exact decimals for the float64 reference
+STUDENT_ROWS = [[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]]
+PEER_ROWS = [[0.0, 0.3, -0.2], [1.0, 1.0, 0.0]]
+TEACHER, STUDENT, PEER = (torch.tensor(rows) for rows in (TEACHER_ROWS, STUDENT_ROWS, PEER_ROWS))
 TARGETS = torch.tensor([0, 2])
 GOLDEN = {
     (1.0, 2): (1.7318299456120658, 1.159392341225601),
@@ -35,6 +38,13 @@ def test_mutual_losses_golden(temperature: float, k: int) -> None:
     logits = [TEACHER, STUDENT, PEER][:k]
     got = [loss.item() for loss in mutual_losses(logits, TARGETS, temperature, 1.0)]
     assert got == pytest.approx(GOLDEN[(temperature, k)], abs=1e-6)
+
+
+def test_goldens_match_the_float64_reference() -> None:
+    """The literals above are what tests/reference/baselines.py (numpy, from the paper's formula) gives."""
+    for (temperature, k), golden in GOLDEN.items():
+        logits = [TEACHER_ROWS, STUDENT_ROWS, PEER_ROWS][:k]
+        assert ref.mutual_losses(logits, TARGETS.tolist(), temperature) == pytest.approx(golden, abs=1e-12)
 
 
 def test_each_network_gets_only_its_own_gradient() -> None:

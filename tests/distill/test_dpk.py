@@ -1,7 +1,8 @@
 """DPK (dynamic prior knowledge): golden values of its loss pieces, CKA properties, masks, the π curriculum,
 gradient routing, timm pairs, and a short real-data run on digits.
 
-Golden numbers were computed once, independently of kdpipe and torch, in float64 numpy:
+Golden numbers come from tests/reference/dpk.py (float64 numpy, independent of kdpipe and torch) on the exact
+decimal rows below:
 
 - CKA: the HSIC form of offline.md §1.2 step 9, ``HSIC(K, L) = tr(K H L H)/(B − 1)²`` with ``H = I − 11ᵀ/B``,
   ``K = X Xᵀ``, ``L = Y Yᵀ`` (no centring of the features, no scaling), CKA = HSIC(K, L)/sqrt(HSIC(K, K)·HSIC(L, L)).
@@ -36,23 +37,28 @@ from kdpipe.distill.methods.dpk import (
 )
 from kdpipe.distill.taps import TapError
 from kdpipe.models.factory import create_model
+from tests.reference import dpk as ref
 
-X = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 1.5], [2.0, 0.5, -0.5], [-1.0, 1.0, 1.0]])
-Y = torch.tensor([[0.3, 1.2], [1.0, -0.4], [-0.7, 0.9], [0.2, 0.1]])
+X_ROWS = [[1.0, 2.0, 0.5], [0.0, -1.0, 1.5], [2.0, 0.5, -0.5], [-1.0, 1.0, 1.0]]  # exact decimals for the reference
+Y_ROWS = [[0.3, 1.2], [1.0, -0.4], [-0.7, 0.9], [0.2, 0.1]]
+X, Y = torch.tensor(X_ROWS), torch.tensor(Y_ROWS)
 GOLDEN_CKA = 0.8191706175051088
-X5 = torch.cat([X, torch.tensor([[0.5, 0.5, 2.0]])])
-Y5 = torch.cat([Y, torch.tensor([[1.5, -1.0]])])
+X5_ROWS, Y5_ROWS = [*X_ROWS, [0.5, 0.5, 2.0]], [*Y_ROWS, [1.5, -1.0]]
+X5, Y5 = torch.tensor(X5_ROWS), torch.tensor(Y5_ROWS)
 GOLDEN_CKA_UNBIASED = 0.6498580707466278  # X5, Y5: 5 samples (the unbiased estimator needs B >= 4)
 
 PRED = torch.tensor([[[[0.5, -1.0], [2.0, 0.0]], [[1.0, 1.0], [-0.5, 0.25]]]])
 TARGET = torch.tensor([[[[0.0, -0.5], [1.0, 1.0]], [[2.0, 0.0], [0.5, 0.5]]]])
 MASK = torch.tensor([[[[True, False], [False, True]]]])  # True: teacher-filled
 GOLDEN_RECON = {"all": 0.6953125, "visible": 0.8125}
+TOKEN_COUNTS = [(0.5, 16, 8), (0.05, 16, 1), (0.95, 16, 15), (0.3, 64, 19), (0.25, 2, 1), (0.0, 9, 0), (1.0, 9, 9)]
 
-STUDENT_LOGITS = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]])
-TEACHER_LOGITS = torch.tensor([[1.5, 0.0, -0.5], [-1.0, 2.5, 1.0]])
+STUDENT_ROWS = [[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]]
+TEACHER_ROWS = [[1.5, 0.0, -0.5], [-1.0, 2.5, 1.0]]
+STUDENT_LOGITS, TEACHER_LOGITS = torch.tensor(STUDENT_ROWS), torch.tensor(TEACHER_ROWS)
 TARGETS = torch.tensor([0, 2])
-RECON = torch.tensor([0.3, 0.7])
+RECON_VALUES = [0.3, 0.7]
+RECON = torch.tensor(RECON_VALUES)
 GOLDEN_TOTAL_DEFAULT_EPOCH4 = 1.5386757216089435  # CE + τ²KL + (5/20)·1·(0.3 + 0.7)
 GOLDEN_TOTAL_WEIGHTED_EPOCH30 = 5.31416687233392  # 0.5·CE + 2·τ²KL + 1·3·(0.3 + 0.7)
 
@@ -95,6 +101,24 @@ def test_total_loss_golden() -> None:
     weighted.on_epoch_start(30, 100)  # past the ramp
     out = weighted.combine(STUDENT_LOGITS, TEACHER_LOGITS, TARGETS, RECON)
     assert out["loss"].item() == pytest.approx(GOLDEN_TOTAL_WEIGHTED_EPOCH30, abs=1e-6)
+
+
+def test_goldens_match_the_float64_reference() -> None:
+    """The literals above (and the token counts of test_teacher_token_count) are what tests/reference/dpk.py gives."""
+    assert ref.linear_cka(X_ROWS, Y_ROWS) == pytest.approx(GOLDEN_CKA, abs=1e-12)
+    assert ref.linear_cka(X5_ROWS, Y5_ROWS, unbiased=True) == pytest.approx(GOLDEN_CKA_UNBIASED, abs=1e-12)
+    for reduction, golden in GOLDEN_RECON.items():
+        want = ref.reconstruction_loss(PRED.double().numpy(), TARGET.double().numpy(), MASK.numpy(), reduction)
+        assert want == pytest.approx(golden, abs=1e-12), reduction
+    y = TARGETS.tolist()
+    want = ref.total_loss(STUDENT_ROWS, TEACHER_ROWS, y, RECON_VALUES, epoch=4)
+    assert want == pytest.approx(GOLDEN_TOTAL_DEFAULT_EPOCH4, abs=1e-12)
+    want = ref.total_loss(
+        STUDENT_ROWS, TEACHER_ROWS, y, RECON_VALUES, epoch=30, ce_weight=0.5, kd_weight=2.0, dpk_weight=3.0
+    )
+    assert want == pytest.approx(GOLDEN_TOTAL_WEIGHTED_EPOCH30, abs=1e-12)
+    for ratio, n, count in TOKEN_COUNTS:
+        assert ref.teacher_token_count(ratio, n) == count, (ratio, n)
 
 
 # -- CKA properties -----------------------------------------------------------------------------------------------
@@ -144,10 +168,7 @@ def test_cka_is_fp32_without_grad_under_bf16_and_autocast() -> None:
 # -- masks and the ratio ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("ratio", "n", "count"),
-    [(0.5, 16, 8), (0.05, 16, 1), (0.95, 16, 15), (0.3, 64, 19), (0.25, 2, 1), (0.0, 9, 0), (1.0, 9, 9)],
-)
+@pytest.mark.parametrize(("ratio", "n", "count"), TOKEN_COUNTS)
 def test_teacher_token_count(ratio: float, n: int, count: int) -> None:
     assert int(teacher_token_count(ratio, n)) == count
 

@@ -1,11 +1,12 @@
 """FFSD: golden helpers and loss terms, gradient isolation between the networks, decoder BN modes, module shapes on
 kdpipe's resnet8 and timm's resnet18 (odd input sizes included), the deployed plain leader, and a real digits run.
 
-Golden numbers were computed once, independently of kdpipe, by a float64 numpy script written from
+Golden numbers come from tests/reference/ffsd.py (float64 numpy, independent of kdpipe), written from
 shared/methods/online.md §2.5-2.7 (AT = channel mean of F²; n(v) = v/max(‖v‖, 1e-12) per sample; D = mean of
 (n(a) − n(b))²; t with θ the ⌊N/3⌋-th smallest of n(A) found by sorting and a per-position three-way comparison,
-ν − â / â / ν/2; Shift(F) = F + ν/C·(t − â); CE and τ²·KL from explicit log-softmaxes). Inputs: the literal tensors
-below and ``_g(shape, phase) = 1.5·sin(0.37·k + phase) + 0.2`` over the flat index k (decoded maps clipped at 0).
+ν − â / â / ν/2; Shift(F) = F + ν/C·(t − â); CE and τ²·KL from tests/reference/baselines.py). Inputs: the literal
+tensors below and ``_g(shape, phase) = 1.5·sin(0.37·k + phase) + 0.2`` over the flat index k (decoded maps clipped
+at 0).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from kdpipe.distill.taps import Taps, select_stages, stage_specs
 from kdpipe.models.factory import create_model
 from kdpipe.registry import METHODS
 from tests.reference import baselines as ref
+from tests.reference import ffsd as ffsd_ref
 
 from .conftest import DigitsRun, fit, test_top1
 
@@ -121,6 +123,36 @@ def test_loss_terms_golden() -> None:
     for key in ("ce", "kd", "fus", "trans"):
         assert terms[key].item() == pytest.approx(GOLDEN_TERMS[key], abs=1e-6), key
     assert terms["sd"].item() == pytest.approx(GOLDEN_TERMS["sd"], abs=1e-12)
+
+
+def test_goldens_match_the_float64_reference() -> None:
+    """Every literal above is what tests/reference/ffsd.py gives on the same float64 inputs."""
+    f1_64, a64 = F1.numpy(), A.numpy()
+    assert ffsd_ref.attention_map(f1_64).ravel().tolist() == pytest.approx(GOLDEN_AT, abs=1e-12)
+    assert ffsd_ref.normalized_mse(ffsd_ref.attention_map(f1_64), a64) == pytest.approx(GOLDEN_D, abs=1e-12)
+    assert ffsd_ref.shift_target(a64).ravel().tolist() == pytest.approx(GOLDEN_T, abs=1e-12)
+    assert ffsd_ref.shift_target([[[[3.0, 4.0]]]]).ravel().tolist() == pytest.approx([4.4, 4.2], abs=1e-12)  # N < 3
+    assert ffsd_ref.shift_features(f1_64).ravel().tolist() == pytest.approx(GOLDEN_SHIFT, abs=1e-12)
+    assert [ffsd_ref.warmup_factor(e, 5) for e in range(1, 7)] == pytest.approx(GOLDEN_WARMUP, abs=1e-15)
+
+    def g(shape: tuple[int, ...], phase: float) -> np.ndarray:
+        return _g(shape, phase).numpy()
+
+    f1, f2 = g((2, 2, 4, 4), 0.1), g((2, 3, 2, 2), 0.7)
+    d1, d2 = np.maximum(g((2, 2, 4, 4), 1.9), 0.0), np.maximum(g((2, 3, 2, 2), 2.3), 0.0)
+    z_leader, z_fused, z0, z1 = (g((2, 4), p) for p in (0.2, 1.2, 2.2, 3.2))
+    y = [1, 3]
+    want = ffsd_ref.leader_terms(
+        z_leader, z_fused, [f1, f2, g((2, 3, 2, 2), 2.9)], g((2, 3, 2, 2), 3.7), g((2, 6, 2, 2), 4.1),
+        g((2, 6, 2, 2), 5.3), [d1, d2], y, 2.0,
+    )  # fmt: skip
+    want["div"] = ffsd_ref.diversity_loss(g((2, 3, 2, 3), 0.4), g((2, 3, 2, 3), 1.1))
+    assert ffsd_ref.self_distillation_loss([f1, f2], [d1, d2]) == want["sd"]
+    want["fit"] = ffsd_ref.decoder_fit_loss([d1, d2], [f1, f2])
+    want["fusion"] = ffsd_ref.fusion_loss(z_fused, (z0 + z1) / 2, y, 2.0)
+    assert set(want) == set(GOLDEN_TERMS)
+    for key, golden in GOLDEN_TERMS.items():
+        assert want[key] == pytest.approx(golden, abs=1e-12), key
 
 
 def _context(shape: tuple[int, int, int] = (1, 16, 16), arch: str = "resnet8", classes: int = 10) -> MethodContext:

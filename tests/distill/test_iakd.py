@@ -1,9 +1,10 @@
 """Interactive KD (iakd): stage executors, stride pairing, swap schedule, hybrid mechanics, adapters, cross-family
 pairs of timm CNNs, pair checks, an ONNX export, a digits run.
 
-Golden numbers were computed once, independently of kdpipe and torch, in float64 numpy / ``math``: log-softmax with
-max-subtraction, CE as the batch mean of −log p_y, τ²·KL(p_t ‖ p_s) summed over classes and averaged over the
-batch; the schedules straight from the formulas of shared/methods/offline.md §2.2 (p0 = 0.5, γ = 0.75, E = 10).
+Golden numbers come from tests/reference/iakd.py and tests/reference/baselines.py (float64 numpy / ``math``,
+independent of kdpipe and torch): softmax with max-subtraction, CE as the batch mean of −log p_y, τ²·KL(p_t ‖ p_s)
+summed over classes and averaged over the batch; the schedules straight from the formulas of
+shared/methods/offline.md §2.2 (p0 = 0.5, γ = 0.75, E = 10).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from kdpipe.distill.methods.iakd import (
 from kdpipe.distill.taps import stage_specs
 from kdpipe.exports.onnx import Preprocessing, export_onnx
 from kdpipe.models.factory import create_model
+from tests.reference import baselines
+from tests.reference import iakd as ref
 
 from .conftest import CHANCE, DigitsRun
 
@@ -274,8 +277,9 @@ def test_swap_schedule_golden(epoch: int) -> None:
     assert constant == (0.0 if epoch < 2 else 0.25)
 
 
-HYBRID = torch.tensor([[1.0, -0.5, 2.0, 0.0], [0.3, 1.2, -1.0, 0.5], [-2.0, 0.0, 1.0, 3.0]])
-TEACHER = torch.tensor([[0.5, 0.0, 2.5, -1.0], [1.0, 2.0, 0.0, 0.0], [-1.0, -1.0, 0.5, 2.0]])
+HYBRID_ROWS = [[1.0, -0.5, 2.0, 0.0], [0.3, 1.2, -1.0, 0.5], [-2.0, 0.0, 1.0, 3.0]]  # exact decimals for the reference
+TEACHER_ROWS = [[0.5, 0.0, 2.5, -1.0], [1.0, 2.0, 0.0, 0.0], [-1.0, -1.0, 0.5, 2.0]]
+HYBRID, TEACHER = torch.tensor(HYBRID_ROWS), torch.tensor(TEACHER_ROWS)
 TARGETS = torch.tensor([2, 0, 3])
 GOLDEN_CE = 0.7454636174518027
 GOLDEN_KD = {4.0: 0.19822586951798307, 2.0: 0.153370054571438}  # τ²·KL, batch mean
@@ -290,6 +294,21 @@ def test_loss_golden() -> None:
     assert out["loss"].item() == pytest.approx(GOLDEN_TOTAL_DEFAULT, abs=1e-6)
     custom = iakd_loss(HYBRID, TEACHER, TARGETS, IAKDParams(ce_weight=0.5, kd_weight=2.0, temperature=2.0))
     assert custom["loss"].item() == pytest.approx(GOLDEN_TOTAL_CUSTOM, abs=1e-6)
+
+
+def test_goldens_match_the_float64_reference() -> None:
+    """The schedules and losses above are what tests/reference/iakd.py (and baselines.py) give."""
+    for epoch in range(10):
+        assert ref.swap_probability(epoch, 10) == pytest.approx(LIN[epoch], abs=1e-12), epoch
+        assert ref.swap_probability(epoch, 10, schedule="cosine") == pytest.approx(COS[epoch], abs=1e-12), epoch
+        assert ref.swap_probability(epoch, 10, warmup=2) == pytest.approx(LIN_WARMUP2[epoch], abs=1e-12), epoch
+    y = TARGETS.tolist()
+    assert baselines.cross_entropy(HYBRID_ROWS, y) == pytest.approx(GOLDEN_CE, abs=1e-12)
+    for temperature, golden in GOLDEN_KD.items():
+        assert baselines.kd(HYBRID_ROWS, TEACHER_ROWS, temperature) == pytest.approx(golden, abs=1e-12)
+    assert ref.total_loss(HYBRID_ROWS, TEACHER_ROWS, y) == pytest.approx(GOLDEN_TOTAL_DEFAULT, abs=1e-12)
+    custom = ref.total_loss(HYBRID_ROWS, TEACHER_ROWS, y, temperature=2.0, ce_weight=0.5, kd_weight=2.0)
+    assert custom == pytest.approx(GOLDEN_TOTAL_CUSTOM, abs=1e-12)
 
 
 # --- 4. hybrid mechanics ------------------------------------------------------------------------------------------

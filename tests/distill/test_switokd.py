@@ -2,7 +2,8 @@
 optimizer state, moving BN statistics), per-network lrs on the schedule, the 1T2S / 2T1S topologies without the official
 scripts' bugs, the DDP all-reduce of the statistics on a real 2-process gloo group, and a from-scratch run on digits.
 
-Golden numbers were computed once, independently of kdpipe, in float64 numpy from shared/methods/online.md §1.2–1.5:
+Golden numbers come from tests/reference/switokd.py (float64 numpy, independent of kdpipe) on shared/methods/online.md
+§1.2–1.5 and the exact decimal ``*_ROWS`` the tensors are built from:
 ``softmax`` with max-subtraction; ``a = mean_b Σ_c |p − onehot(y)|``; ``G = mean_b Σ_c |p_s^τ − p_t^τ|``;
 ``ε = exp(−a_t/(a_s + a_t))``; ``δ = a_s − ε·a_t``; expert iff ``G > δ and a_t < a_s``; ``CE = mean_b −log p[y]``;
 ``KL(a‖b) = τ²·mean_b Σ_c a_c (log a_c − log b_c)``; losses summed term by term as in §1.4 / §1.5. The 1T2S / 2T1S
@@ -37,13 +38,17 @@ from kdpipe.distill.methods.switokd import (
 )
 from kdpipe.distill.trainer import Trainer
 from kdpipe.errors import Interrupted
+from tests.reference import switokd as ref
 
 from .conftest import CHANCE, DigitsRun, fit, test_top1
 
 Y = torch.tensor([0, 2, 3])
-TEACHER = torch.tensor([[3.0, -1.0, 0.5, -2.0], [0.0, 0.5, 2.5, 2.0], [-1.0, 0.0, 0.5, 3.5]])
-STUDENT_FAR = torch.tensor([[1.0, 2.0, -1.0, 0.5], [1.5, 0.5, 1.0, -2.0], [0.5, 2.0, 0.0, 1.0]])  # expert mode
-STUDENT_NEAR = torch.tensor([[2.0, -1.0, 0.0, -1.5], [-0.5, 0.0, 2.0, 1.8], [-1.0, -0.5, 0.5, 2.5]])  # learning
+TEACHER_ROWS = [[3.0, -1.0, 0.5, -2.0], [0.0, 0.5, 2.5, 2.0], [-1.0, 0.0, 0.5, 3.5]]
+TEACHER = torch.tensor(TEACHER_ROWS)
+STUDENT_FAR_ROWS = [[1.0, 2.0, -1.0, 0.5], [1.5, 0.5, 1.0, -2.0], [0.5, 2.0, 0.0, 1.0]]  # expert mode
+STUDENT_FAR = torch.tensor(STUDENT_FAR_ROWS)
+STUDENT_NEAR_ROWS = [[2.0, -1.0, 0.0, -1.5], [-0.5, 0.0, 2.0, 1.8], [-1.0, -0.5, 0.5, 2.5]]  # learning
+STUDENT_NEAR = torch.tensor(STUDENT_NEAR_ROWS)
 
 # (student, teacher) -> a_s, a_t, G, ε, δ, expert
 GOLDEN_SWITCH = {
@@ -86,9 +91,12 @@ GOLDEN_LOSSES = {  # τ -> L_S, L_T on (STUDENT_FAR, TEACHER)
 GOLDEN_GAP_T2 = 0.847740593724566  # G at τ = 2 on (STUDENT_FAR, TEACHER); a_s, a_t, ε, δ unchanged
 
 # 1T2S: both pairs in expert mode; the scripts' ε of pair 1 (from pair 2's a values) would put pair 1 in learning mode
-T_1T2S = torch.tensor([[1.6, 2.0, -2.0, 2.8], [0.1, -0.3, 1.4, -1.2], [0.7, -0.5, -0.1, 0.6]])
-S1_1T2S = torch.tensor([[0.0, -0.5, 1.8, 0.9], [0.7, 1.3, -3.1, 1.4], [3.5, -1.6, 3.8, -2.7]])
-S2_1T2S = torch.tensor([[-1.0, 1.0, -0.9, -1.3], [0.2, 0.7, 1.3, -0.4], [-3.0, 0.9, 1.9, -0.7]])
+T_1T2S_ROWS = [[1.6, 2.0, -2.0, 2.8], [0.1, -0.3, 1.4, -1.2], [0.7, -0.5, -0.1, 0.6]]
+T_1T2S = torch.tensor(T_1T2S_ROWS)
+S1_1T2S_ROWS = [[0.0, -0.5, 1.8, 0.9], [0.7, 1.3, -3.1, 1.4], [3.5, -1.6, 3.8, -2.7]]
+S1_1T2S = torch.tensor(S1_1T2S_ROWS)
+S2_1T2S_ROWS = [[-1.0, 1.0, -0.9, -1.3], [0.2, 0.7, 1.3, -0.4], [-3.0, 0.9, 1.9, -0.7]]
+S2_1T2S = torch.tensor(S2_1T2S_ROWS)
 PAIRS_1T2S = [  # a_s, a_t, G, ε, δ per pair (T, S1), (T, S2)
     (1.9304527950259651, 1.2227824172192874, 1.128874002752501, 0.6785571200144166, 1.1007250795933787),
     (1.5777660003176823, 1.2227824172192874, 0.9447186366665686, 0.6462153395546351, 0.7875852453728831),
@@ -101,9 +109,12 @@ GOLDEN_1T2S = {
     (False, False): 3.3070203700755285,
 }
 # 2T1S: both pairs in learning mode; the scripts' ε of pair 2 (from pair 1's a values) would pause teacher 2
-T1_2T1S = torch.tensor([[1.6, -2.1, 1.3, 2.2], [-0.4, 1.9, 1.8, 0.5], [0.3, 0.4, -1.3, 0.5]])
-T2_2T1S = torch.tensor([[-0.5, 1.1, -1.9, 2.0], [-4.3, 0.3, -1.7, 0.4], [-0.9, -0.5, 0.3, -0.3]])
-S_2T1S = torch.tensor([[0.1, 0.8, 1.0, 1.3], [1.0, -0.9, -1.7, 0.5], [0.1, 0.9, 1.0, -3.9]])
+T1_2T1S_ROWS = [[1.6, -2.1, 1.3, 2.2], [-0.4, 1.9, 1.8, 0.5], [0.3, 0.4, -1.3, 0.5]]
+T1_2T1S = torch.tensor(T1_2T1S_ROWS)
+T2_2T1S_ROWS = [[-0.5, 1.1, -1.9, 2.0], [-4.3, 0.3, -1.7, 0.4], [-0.9, -0.5, 0.3, -0.3]]
+T2_2T1S = torch.tensor(T2_2T1S_ROWS)
+S_2T1S_ROWS = [[0.1, 0.8, 1.0, 1.3], [1.0, -0.9, -1.7, 0.5], [0.1, 0.9, 1.0, -3.9]]
+S_2T1S = torch.tensor(S_2T1S_ROWS)
 PAIRS_2T1S = [  # (T1, S), (T2, S)
     (1.8974725258207152, 1.3155085414009402, 0.9822801667051784, 0.6640249799202921, 1.023941993031983),
     (1.8974725258207152, 1.764521623495656, 0.7391555871583207, 0.6176414308009387, 0.807630865605663),
@@ -186,6 +197,45 @@ def test_losses_golden(temperature: float) -> None:
     gap = GOLDEN_GAP_T2 if temperature == 2.0 else GOLDEN_SWITCH["expert"][4]
     assert sw.gap == pytest.approx(gap, abs=1e-6)
     assert sw.a_s == pytest.approx(GOLDEN_SWITCH["expert"][2], abs=1e-6), "a_s keeps τ = 1"
+
+
+def test_goldens_match_the_float64_reference() -> None:
+    """Every literal above is what tests/reference/switokd.py (numpy, from online.md §1.2–1.5) gives on the exact
+    decimal rows the tensors are built from."""
+    y = Y.tolist()
+    rows = {
+        "expert": (STUDENT_FAR_ROWS, TEACHER_ROWS),
+        "gap_below_delta": (STUDENT_NEAR_ROWS, TEACHER_ROWS),
+        "teacher_worse": (TEACHER_ROWS, STUDENT_FAR_ROWS),
+    }
+    for case, (student, teacher, *golden, expert) in GOLDEN_SWITCH.items():
+        assert torch.equal(student, torch.tensor(rows[case][0])) and torch.equal(teacher, torch.tensor(rows[case][1]))
+        want = ref.switch(*rows[case], y)
+        assert list(want[:5]) == pytest.approx(golden, abs=1e-12), case
+        assert expert is want.expert, case
+    for temperature, golden in GOLDEN_LOSSES.items():
+        assert ref.pair_losses(STUDENT_FAR_ROWS, TEACHER_ROWS, y, temperature) == pytest.approx(golden, abs=1e-12)
+    assert ref.gap(STUDENT_FAR_ROWS, TEACHER_ROWS, 2.0) == pytest.approx(GOLDEN_GAP_T2, abs=1e-12)
+    at_t2 = ref.switch(STUDENT_FAR_ROWS, TEACHER_ROWS, y, 2.0)
+    unchanged = GOLDEN_SWITCH["expert"][2:4] + GOLDEN_SWITCH["expert"][5:7]
+    assert (at_t2.a_s, at_t2.a_t, at_t2.eps, at_t2.delta) == pytest.approx(unchanged, abs=1e-12)
+
+    for student, golden in zip((S1_1T2S_ROWS, S2_1T2S_ROWS), PAIRS_1T2S, strict=True):
+        want = ref.switch(student, T_1T2S_ROWS, y)
+        assert list(want[:5]) == pytest.approx(golden, abs=1e-12) and want.expert
+    for grid in [(True, True), (True, False), (False, True), (False, False)]:
+        l_t, l_s1, l_s2 = ref.one_teacher_two_students(T_1T2S_ROWS, S1_1T2S_ROWS, S2_1T2S_ROWS, y, grid)
+        assert (l_s1, l_s2) == pytest.approx((GOLDEN_1T2S["S1"], GOLDEN_1T2S["S2"]), abs=1e-12)
+        if all(grid):
+            assert l_t is None
+        else:
+            assert l_t == pytest.approx(GOLDEN_1T2S[grid], abs=1e-12), grid
+
+    for teacher, golden in zip((T1_2T1S_ROWS, T2_2T1S_ROWS), PAIRS_2T1S, strict=True):
+        want = ref.switch(S_2T1S_ROWS, teacher, y)
+        assert list(want[:5]) == pytest.approx(golden, abs=1e-12) and not want.expert
+    l_t1, l_t2, l_s = ref.two_teachers_one_student(T1_2T1S_ROWS, T2_2T1S_ROWS, S_2T1S_ROWS, y, (False, False))
+    assert (l_t1, l_t2, l_s) == pytest.approx((GOLDEN_2T1S["T1"], GOLDEN_2T1S["T2"], GOLDEN_2T1S["S"]), abs=1e-12)
 
 
 def test_learning_mode_is_dml_and_losses_reach_only_their_own_network() -> None:

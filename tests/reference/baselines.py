@@ -1,8 +1,11 @@
-"""CE, Hinton KD and DKD in float64 numpy, from shared/methods/baselines.md (and Hinton et al. 2015; Zhao et al.,
-"Decoupled Knowledge Distillation", CVPR 2022). Inputs are array-likes of logits (B, C) and integer targets (B,);
-every function returns a batch mean as a Python float."""
+"""CE, Hinton KD, DKD and DML in float64 numpy, from shared/methods/baselines.md (and Hinton et al. 2015; Zhao et al.,
+"Decoupled Knowledge Distillation", CVPR 2022; Zhang et al., "Deep Mutual Learning", CVPR 2018). Inputs are
+array-likes of logits (B, C) and integer targets (B,); every function returns a batch mean as a Python float (one per
+network for DML)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -100,3 +103,15 @@ def fused_total(
     a = np.asarray(alpha, dtype=np.float64)
     rows = a * kd_rows(student, teacher, temperature) + (1.0 - a) * cross_entropy_rows(student, targets)
     return float(rows.mean())
+
+
+def mutual_losses(
+    logits: Sequence[ArrayLike], targets: ArrayLike, temperature: float, kd_weight: float = 1.0
+) -> list[float]:
+    """DML (Zhang et al., "Deep Mutual Learning", CVPR 2018; shared/methods/baselines.md): for each of the K networks,
+    ``L_k = CE(z_k, y) + w_kd · (1/(K−1)) Σ_{j≠k} τ²·KL(softmax(z_j/τ) ‖ softmax(z_k/τ))`` (τ = 1 in the paper)."""
+    out = []
+    for k, z in enumerate(logits):
+        peers = [kd(z, peer, temperature) for j, peer in enumerate(logits) if j != k]
+        out.append(cross_entropy(z, targets) + kd_weight * float(np.mean(peers)))
+    return out

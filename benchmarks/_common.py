@@ -51,8 +51,10 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def write_result(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_result(name: str, payload: dict[str, Any], directory: Path | None = None) -> Path:
+    """Write ``<directory>/<name>.json`` (default benchmarks/results) with the environment; return its path."""
+    directory = directory or RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     path.write_text(json.dumps({"benchmark": name, "environment": environment(), **payload}, indent=2) + "\n")
     return path

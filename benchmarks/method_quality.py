@@ -46,10 +46,13 @@ TEACHER, STUDENT = "resnet20", "resnet8"
 OFFLINE = ("kd", "dkd", "fusion_ratio", "dpk", "iakd")
 JOINT = ("dml", "switokd")  # train the teacher stage's network with the student
 METHODS = ("ce", *OFFLINE, *JOINT, "ffsd")
+COST = {"ce": 1, "kd": 1.4, "dkd": 1.4, "fusion_ratio": 3.6, "dpk": 2, "iakd": 2, "dml": 3.3, "switokd": 3.3, "ffsd": 3}
+"""Rough cost of one run relative to ce (measured on this protocol): --jobs starts the longest first."""
 PAPER_EPOCHS = 240  # the CRD protocol the warm-up lengths below are given for
-EVAL_EVERY = 3
-"""Epochs between per-epoch test evaluations (10,000 images each; every network of an online method): the "best"
-column is over these, the last epoch always among them when --epochs is a multiple."""
+EVAL_EVERY = 10
+"""Default epochs between test evaluations (10,000 images each, every network of an online method; about as long as
+2-3 training epochs of the subset): the "best" column is over these, the last epoch always among them when --epochs
+is a multiple."""
 
 
 def method_params(name: str, epochs: int) -> dict[str, Any]:
@@ -68,7 +71,9 @@ def method_params(name: str, epochs: int) -> dict[str, Any]:
     }[name]
 
 
-def stages_yaml(name: str, data_root: Path, epochs: int, batch_size: int, teacher_epochs: int) -> dict[str, Any]:
+def stages_yaml(
+    name: str, data_root: Path, epochs: int, batch_size: int, teacher_epochs: int, eval_every: int = EVAL_EVERY
+) -> dict[str, Any]:
     """One method's stages.yaml (as a mapping): data, teacher stage (trained, or an architecture), distill."""
     train = {
         "epochs": epochs,
@@ -77,7 +82,7 @@ def stages_yaml(name: str, data_root: Path, epochs: int, batch_size: int, teache
         "momentum": 0.9,
         "weight_decay": 5e-4,
         "schedule": {"name": "cosine"},
-        "eval_every": EVAL_EVERY,
+        "eval_every": eval_every,
     }
     stages: dict[str, Any] = {}
     if name in OFFLINE:  # the shared checkpoint replaces this training (kd_table --teacher-checkpoint)
@@ -105,9 +110,9 @@ def stages_yaml(name: str, data_root: Path, epochs: int, batch_size: int, teache
     }
 
 
-def teacher_yaml(data_root: Path, epochs: int, batch_size: int) -> dict[str, Any]:
+def teacher_yaml(data_root: Path, epochs: int, batch_size: int, eval_every: int = EVAL_EVERY) -> dict[str, Any]:
     """A run with only the shared teacher: resnet20 trained with CE on the subset (seed 0)."""
-    raw = stages_yaml("kd", data_root, epochs, batch_size, epochs)
+    raw = stages_yaml("kd", data_root, epochs, batch_size, epochs, eval_every)
     raw["name"] = "method-quality-teacher"
     raw["stages"] = {"teacher": raw["stages"]["teacher"]}
     return raw
@@ -210,7 +215,9 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any], env: dict[str,
         f"- {meta['per_class']} train images per class ({meta['train_images']} in all), evaluated on "
         f"{meta['test_images']} test images; teacher {TEACHER} ({meta['teacher_epochs']} epochs, seed 0, test top-1 "
         f"{meta['teacher_top1']}), students {STUDENT}, {meta['epochs']} epochs, batch {meta['batch_size']}, "
-        "SGD 0.05 cosine, wd 5e-4; seeds " + ", ".join(map(str, meta["seeds"])) + ".",
+        f"SGD 0.05 cosine, wd 5e-4, test evaluation every {meta.get('eval_every')} epochs; seeds "
+        + ", ".join(map(str, meta["seeds"]))
+        + ".",
         f"- date {env.get('date')}, {env.get('cpu_count')} CPUs, torch {env.get('torch')} "
         f"({env.get('torch_threads')} threads), timm {env.get('timm')}, commit `{env.get('commit')}`",
         f"- `{meta['command']}`",
@@ -260,13 +267,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=30, help="student epochs")
     parser.add_argument("--teacher-epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="epochs between test evaluations")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the CIFAR-10 JPEG archive (imagefolder)")
     parser.add_argument("--work", type=Path, default=None, help="keep data subset and run folders here")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, each pinned to its own CPUs (on 2 cores, --jobs 2 runs two single-thread runs side by "
+        "side: faster than one run with 2 threads for nets this small); the teacher is trained first, alone",
+    )
+    parser.add_argument(
+        "--results-dir", type=Path, default=None, help="write the results here (default benchmarks/results)"
+    )
     parser.add_argument("--name", default=None, help="results name (default method_quality_cpu[_smoke])")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the flow; numbers mean nothing")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.per_class, args.test_per_class, args.epochs, args.teacher_epochs = 8, 4, 1, 1
+        args.per_class, args.test_per_class, args.epochs, args.teacher_epochs, args.eval_every = 8, 4, 1, 1, 1
     if not args.data.is_file():
         print(f"error: {args.data} does not exist (the CIFAR-10 JPEG archive; --data names another)", file=sys.stderr)
         return 2
@@ -278,9 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         data = make_subset(args.data, work / f"cifar10-{args.per_class}pc", args.per_class, args.test_per_class)
         counts = {s: sum(1 for _ in (data / s).rglob("*.jpg")) for s in ("train", "test")}
         teacher_cfg = _write(
-            teacher_yaml(data, args.teacher_epochs, args.batch_size), work / "configs" / "teacher.yaml"
+            teacher_yaml(data, args.teacher_epochs, args.batch_size, args.eval_every), work / "configs" / "teacher.yaml"
         )
-        teacher_dir = work / "teacher-s0"
+        teacher_dir = work / f"teacher-{TEACHER}-{args.per_class}pc-{args.teacher_epochs}ep-s0"
         teacher_weights = teacher_dir / "teacher" / "model.safetensors"
         if not teacher_weights.is_file():
             cmd = kd_table.kdpipe_command(teacher_cfg, teacher_dir, ["seed=0"], quiet=True)
@@ -289,19 +307,24 @@ def main(argv: list[str] | None = None) -> int:
             if proc.returncode != 0:
                 print(f"error: training the teacher failed (exit {proc.returncode})", file=sys.stderr)
                 return 1
-        teacher_seconds = time.perf_counter() - t0
         teacher_result = json.loads((teacher_dir / "teacher" / "result.json").read_text(encoding="utf-8"))
+        teacher_seconds = teacher_result.get("seconds")  # the stage's own time, also when trained by an earlier call
         teacher_top1 = teacher_result["metrics"]["top1"]
         configs = [
             _write(
-                stages_yaml(m, data, args.epochs, args.batch_size, args.teacher_epochs), work / "configs" / f"{m}.yaml"
+                stages_yaml(m, data, args.epochs, args.batch_size, args.teacher_epochs, args.eval_every),
+                work / "configs" / f"{m}.yaml",
             )
             for m in args.methods
         ]
         options = kd_table.Options(
-            seeds=args.seeds, teacher_checkpoints={TEACHER: teacher_weights}, quiet=True, extra=()
+            seeds=args.seeds, teacher_checkpoints={TEACHER: teacher_weights}, quiet=True, extra=(), jobs=args.jobs
         )
-        rows = kd_table.run_table(configs, options, work / "runs")
+        if args.jobs > 1:
+            tasks = [(c, seed) for seed in args.seeds for c in configs]
+            rows = kd_table.run_parallel(tasks, options, work / "runs", order=lambda t: COST.get(t[0].stem, 1.0))
+        else:
+            rows = kd_table.run_table(configs, options, work / "runs")
     teacher_pct = round(100.0 * teacher_top1, 2) if teacher_top1 is not None else None
     summary = summarize(rows, teacher_pct)
     meta = {
@@ -311,14 +334,17 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": args.epochs,
         "teacher_epochs": args.teacher_epochs,
         "batch_size": args.batch_size,
+        "jobs": args.jobs,
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "eval_every": args.eval_every,
         "seeds": args.seeds,
         "teacher_top1": teacher_pct,
-        "teacher_seconds": round(teacher_seconds, 1),
+        "teacher_seconds": round(teacher_seconds, 1) if teacher_seconds is not None else None,
         "command": command,
         "smoke": args.smoke,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
-    path = write_result(name, {"protocol": meta, "summary": summary, "runs": rows})
+    path = write_result(name, {"protocol": meta, "summary": summary, "runs": rows}, args.results_dir)
     path.with_suffix(".md").write_text(markdown(summary, meta, environment()), encoding="utf-8")
     print(path.with_suffix(".md").read_text(encoding="utf-8"))
     return 0

@@ -73,10 +73,37 @@ def method_params(name: str, epochs: int) -> dict[str, Any]:
     }[name]
 
 
+def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
+    """``NAME=METHOD[:key=value,...]`` (values in YAML: 0.9, true, [1, 2]) -> (name, method, param overrides): an
+    extra row, e.g. ``dpk_kd09=dpk:ce_weight=0.1,kd_weight=0.9`` for an ablation of a method's defaults."""
+    name, sep, rest = text.partition("=")
+    method, _, assignments = rest.partition(":")
+    if not sep or not name.isidentifier() or method not in METHODS or name in METHODS:
+        raise argparse.ArgumentTypeError(
+            f"--variant {text!r}: expected NAME=METHOD[:key=value,...] with a new NAME and METHOD one of {METHODS}"
+        )
+    overrides: dict[str, Any] = {}
+    for item in filter(None, assignments.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise argparse.ArgumentTypeError(f"--variant {text!r}: {item!r} is not key=value")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return name, method, overrides
+
+
 def stages_yaml(
-    name: str, data_root: Path, epochs: int, batch_size: int, teacher_epochs: int, eval_every: int = EVAL_EVERY
+    name: str,
+    data_root: Path,
+    epochs: int,
+    batch_size: int,
+    teacher_epochs: int,
+    eval_every: int = EVAL_EVERY,
+    method: str | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One method's stages.yaml (as a mapping): data, teacher stage (trained, or an architecture), distill."""
+    """One row's stages.yaml (as a mapping): data, teacher stage (trained, or an architecture), distill. ``name`` is
+    the row (a method, or a variant of ``method`` with param ``overrides``)."""
+    base = method or name
     train = {
         "epochs": epochs,
         "batch_size": batch_size,
@@ -87,15 +114,16 @@ def stages_yaml(
         "eval_every": eval_every,
     }
     stages: dict[str, Any] = {}
-    if name in OFFLINE:  # the shared checkpoint replaces this training (kd_table --teacher-checkpoint)
+    if base in OFFLINE:  # the shared checkpoint replaces this training (kd_table --teacher-checkpoint)
         stages["teacher"] = {
             "type": "teacher",
             "model": TEACHER,
             "weights": {"train": {**train, "epochs": teacher_epochs}},
         }
-    elif name in JOINT:
+    elif base in JOINT:
         stages["teacher"] = {"type": "teacher", "model": TEACHER}
-    stages["distill"] = {"type": "distill", "student": STUDENT, "method": method_params(name, epochs), "train": train}
+    block = {**method_params(base, epochs), **(overrides or {})}
+    stages["distill"] = {"type": "distill", "student": STUDENT, "method": block, "train": train}
     return {
         "version": 1,
         "name": f"method-quality-{name}",
@@ -106,7 +134,7 @@ def stages_yaml(
             "root": str(data_root),
             "image_size": 32,
             "augment": "cifar",
-            "val_fraction": 0.1 if name == "fusion_ratio" else 0.0,
+            "val_fraction": 0.1 if base == "fusion_ratio" else 0.0,
         },
         "stages": stages,
     }
@@ -164,10 +192,15 @@ def _pct(values: list[float | None]) -> list[float]:
     return [100.0 * v for v in values if v is not None]
 
 
-def summarize(rows: list[dict[str, Any]], teacher_top1: float | None) -> list[dict[str, Any]]:
-    """One entry per method: mean ± std (%) of the best-epoch and last-epoch test top-1, every seed's, the times."""
+def summarize(
+    rows: list[dict[str, Any]], teacher_top1: float | None, variants: dict[str, tuple[str, dict[str, Any]]] | None = None
+) -> list[dict[str, Any]]:
+    """One entry per method (then per variant: name -> (method, overrides)): mean ± std (%) of the best-epoch and
+    last-epoch test top-1, every seed's, the times."""
     out = []
-    for name in METHODS:
+    variants = variants or {}
+    for name in (*METHODS, *variants):
+        base, overrides = variants.get(name, (name, {}))
         mine = [r for r in rows if r["recipe"] == f"{name}.yaml"]
         if not mine:
             continue
@@ -175,6 +208,7 @@ def summarize(rows: list[dict[str, Any]], teacher_top1: float | None) -> list[di
         best_fractions, last_fractions = [r.get("top1_best") for r in ok], [r.get("top1_last_test") for r in ok]
         entry: dict[str, Any] = {
             "method": name,
+            **({"variant_of": base, "overrides": overrides} if name in variants else {}),
             "deployed": STUDENT,
             "seeds": [r["seed"] for r in ok],
             "failed": {r["seed"]: r["error"] for r in mine if "error" in r},
@@ -185,8 +219,10 @@ def summarize(rows: list[dict[str, Any]], teacher_top1: float | None) -> list[di
             "best_epoch_per_seed": [r.get("best_epoch") for r in ok],
             "best_split": ok[0].get("eval_split") if ok else None,  # "val" for fusion_ratio (it holds 10 % out)
             "wall_seconds_per_run": [round(r["seconds"], 1) for r in mine],
+            # the distill stage's own time: the same when a later call finds the run done and reuses it
+            "stage_seconds_per_run": [round(r.get("distill_train_seconds") or r["seconds"], 1) for r in ok],
         }
-        if name in JOINT:  # the jointly trained resnet20 and its own baseline, the independently trained teacher
+        if base in JOINT:  # the jointly trained resnet20 and its own baseline, the independently trained teacher
             entry["joint_teacher_last"] = kd_table.mean_std([r.get("teacher_top1_last_test") for r in ok])
             entry["joint_teacher_baseline"] = teacher_top1
         out.append(entry)
@@ -197,11 +233,15 @@ def summarize(rows: list[dict[str, Any]], teacher_top1: float | None) -> list[di
             continue
         e["gain_over_ce"] = e["last"][0] - ce[0] if ce else None
         e["gap_to_kd"] = e["last"][0] - kd[0] if kd else None
-        if e["method"] in (*JOINT, "ffsd"):
+        if e.get("variant_of", e["method"]) in (*JOINT, "ffsd"):
             e["meets_target"] = e["gain_over_ce"] is not None and e["gain_over_ce"] >= 0.0
         elif e["method"] != "ce":
             e["meets_target"] = e["gap_to_kd"] is not None and e["gap_to_kd"] >= -0.5
     return out
+
+
+def _minutes(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds / 60:.1f}"
 
 
 def _fmt(value: tuple[float, float] | None, n: int) -> str:
@@ -220,31 +260,41 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any], env: dict[str,
         f"SGD 0.05 cosine, wd 5e-4, test evaluation every {meta.get('eval_every')} epochs; seeds "
         + ", ".join(map(str, meta["seeds"]))
         + ".",
-        f"- date {env.get('date')}, {env.get('cpu_count')} CPUs, torch {env.get('torch')} "
-        f"({env.get('torch_threads')} threads), timm {env.get('timm')}, commit `{env.get('commit')}`",
+        f"- date {env.get('date')}, {env.get('cpu_count')} CPUs, torch {env.get('torch')}, timm {env.get('timm')}, "
+        f"commit `{env.get('commit')}`; "
+        + (
+            f"{meta['jobs']} runs at a time, each pinned to its own CPU share with one thread per CPU"
+            if meta.get("jobs", 1) > 1
+            else f"one run at a time with {env.get('torch_threads')} threads"
+        )
+        + f"; teacher {_minutes(meta.get('teacher_seconds'))} min, whole benchmark {_minutes(meta.get('total_seconds'))}"
+        " min wall (teacher included only when trained by this call).",
         f"- `{meta['command']}`",
         "- last: test top-1 (%) after the final epoch (the number to compare); best: the best per-epoch test top-1 "
         "(optimistic: chosen on the test split; on the held-out split where marked val). ± is the standard "
         "deviation over seeds. Target: every method's mean ≥ KD's − 0.5; online methods' deployed network ≥ its CE "
         "baseline (the ce row).",
         "",
-        "| method | last (test) | best | per seed (last) | vs CE | vs KD | target | min per run |",
+        "| method | last (test) | best | per seed (last) | vs CE | vs KD | target | distill min per run |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for e in summary:
         n = len(e["seeds"])
+        label = f"`{e['method']}`"
+        if "variant_of" in e:
+            label += f" ({e['variant_of']}: " + ", ".join(f"{k}={v}" for k, v in e["overrides"].items()) + ")"
         seeds = ", ".join(f"{v:.2f}" for v in e["last_per_seed"]) or "—"
         if e["failed"]:
             seeds += f" (failed seeds: {', '.join(map(str, e['failed']))})"
         gain = "—" if e.get("gain_over_ce") is None or e["method"] == "ce" else f"{e['gain_over_ce']:+.2f}"
         gap = "—" if e.get("gap_to_kd") is None or e["method"] in ("ce", "kd") else f"{e['gap_to_kd']:+.2f}"
         target = {True: "met", False: "**missed**"}.get(e.get("meets_target"), "—")  # type: ignore[call-overload]
-        minutes = statistics.fmean(e["wall_seconds_per_run"]) / 60 if e["wall_seconds_per_run"] else None
+        minutes = statistics.fmean(e["stage_seconds_per_run"]) / 60 if e["stage_seconds_per_run"] else None
         best = _fmt(e["best"], n) + (" (val)" if e.get("best_split") == "val" else "")
         lines.append(
-            f"| `{e['method']}` | {_fmt(e['last'], n)} | {best} | {seeds} | {gain} | {gap} | {target} | {minutes:.1f} |"
+            f"| {label} | {_fmt(e['last'], n)} | {best} | {seeds} | {gain} | {gap} | {target} | {minutes:.1f} |"
             if minutes is not None
-            else f"| `{e['method']}` | — | — | — | — | — | — | — |"
+            else f"| {label} | — | — | — | — | — | — | — |"
         )
     joint = [e for e in summary if e["method"] in JOINT and e.get("joint_teacher_last")]
     if joint:
@@ -263,6 +313,14 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any], env: dict[str,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        type=parse_variant,
+        metavar="NAME=METHOD[:k=v,...]",
+        help="an extra row: METHOD with these params (repeatable), e.g. dpk_kd09=dpk:ce_weight=0.1,kd_weight=0.9",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--per-class", type=int, default=250, help="train images per class")
     parser.add_argument("--test-per-class", type=int, default=None, help="test images per class (default: all)")
@@ -312,23 +370,26 @@ def main(argv: list[str] | None = None) -> int:
         teacher_result = json.loads((teacher_dir / "teacher" / "result.json").read_text(encoding="utf-8"))
         teacher_seconds = teacher_result.get("seconds")  # the stage's own time, also when trained by an earlier call
         teacher_top1 = teacher_result["metrics"]["top1"]
+        variants = {name: (method, overrides) for name, method, overrides in args.variant}
+        rows_to_run = [(m, m, {}) for m in args.methods] + [(n, m, o) for n, (m, o) in variants.items()]
         configs = [
             _write(
-                stages_yaml(m, data, args.epochs, args.batch_size, args.teacher_epochs, args.eval_every),
-                work / "configs" / f"{m}.yaml",
+                stages_yaml(n, data, args.epochs, args.batch_size, args.teacher_epochs, args.eval_every, m, o),
+                work / "configs" / f"{n}.yaml",
             )
-            for m in args.methods
+            for n, m, o in rows_to_run
         ]
+        cost = {n: COST.get(m, 1.0) for n, m, _ in rows_to_run}
         options = kd_table.Options(
             seeds=args.seeds, teacher_checkpoints={TEACHER: teacher_weights}, quiet=True, extra=(), jobs=args.jobs
         )
         if args.jobs > 1:
             tasks = [(c, seed) for seed in args.seeds for c in configs]
-            rows = kd_table.run_parallel(tasks, options, work / "runs", order=lambda t: COST.get(t[0].stem, 1.0))
+            rows = kd_table.run_parallel(tasks, options, work / "runs", order=lambda t: cost[t[0].stem])
         else:
             rows = kd_table.run_table(configs, options, work / "runs")
     teacher_pct = round(100.0 * teacher_top1, 2) if teacher_top1 is not None else None
-    summary = summarize(rows, teacher_pct)
+    summary = summarize(rows, teacher_pct, variants)
     meta = {
         "per_class": args.per_class,
         "train_images": counts["train"],

@@ -4,11 +4,12 @@ A low-data protocol, which shows KD's gain clearly and fits a 2-core machine: th
 images of each class of the CIFAR-10 JPEG copy (../shared/data/cifar10-jpg.tar.gz; by file name, so the subset is
 fixed; default 250, a regime where the resnet20 teacher is 8 points above the CE-only resnet8 and KD's gain is
 clear), evaluated on the FULL test split (10,000 images). One resnet20 teacher is trained once (seed 0, default 60
-epochs) and shared by every offline method and seed; each method trains a resnet8 student for ``--epochs`` epochs (SGD 0.05, momentum
-0.9, wd 5e-4, batch 64, cosine, the same for every method) at each seed. Online methods train from scratch: dml and
-switokd a resnet20 "teacher" network with the resnet8 student, ffsd two common resnet8 students and a resnet8
-leader; their deployed network is the resnet8, whose own baseline is the CE row (an independently trained resnet8),
-and their resnet20 network's baseline is the shared teacher (an independently trained resnet20).
+epochs) and shared by every offline method and seed; each method trains a resnet8 student for ``--epochs`` epochs
+(SGD 0.05, momentum 0.9, wd 5e-4, batch 64, cosine, the same for every method) at each seed. Online methods train
+from scratch: dml and switokd a resnet20 "teacher" network with the resnet8 student, ffsd two common resnet8 students
+and a resnet8 leader; their deployed network is the resnet8, whose own baseline is the CE row (an independently
+trained resnet8), and their resnet20 network's baseline is the shared teacher (an independently trained resnet20,
+trained longer: compare with care).
 
 Per-method settings follow each method's defaults (``kdpipe schema``), with warm-ups that the papers give in epochs of a
 240-epoch run scaled to this run's length; fusion_ratio needs a validation split and holds 10 % of the subset out
@@ -60,7 +61,7 @@ is a multiple."""
 def method_params(name: str, epochs: int) -> dict[str, Any]:
     """The method block: defaults, warm-ups scaled from a PAPER_EPOCHS-epoch run, KD at the CRD convention."""
     warmup = max(1, round(20 * epochs / PAPER_EPOCHS))  # DKD's and DPK's 20 of 240 epochs
-    return {
+    blocks: dict[str, dict[str, Any]] = {
         "ce": {"name": "ce"},
         "kd": {"name": "kd", "temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9},
         "dkd": {"name": "dkd", "temperature": 4.0, "alpha": 1.0, "beta": 8.0, "warmup_epochs": warmup},
@@ -70,7 +71,8 @@ def method_params(name: str, epochs: int) -> dict[str, Any]:
         "dml": {"name": "dml"},
         "switokd": {"name": "switokd"},
         "ffsd": {"name": "ffsd"},
-    }[name]
+    }
+    return blocks[name]
 
 
 def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
@@ -193,7 +195,9 @@ def _pct(values: list[float | None]) -> list[float]:
 
 
 def summarize(
-    rows: list[dict[str, Any]], teacher_top1: float | None, variants: dict[str, tuple[str, dict[str, Any]]] | None = None
+    rows: list[dict[str, Any]],
+    teacher_top1: float | None,
+    variants: dict[str, tuple[str, dict[str, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
     """One entry per method (then per variant: name -> (method, overrides)): mean ± std (%) of the best-epoch and
     last-epoch test top-1, every seed's, the times."""
@@ -267,8 +271,8 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any], env: dict[str,
             if meta.get("jobs", 1) > 1
             else f"one run at a time with {env.get('torch_threads')} threads"
         )
-        + f"; teacher {_minutes(meta.get('teacher_seconds'))} min, whole benchmark {_minutes(meta.get('total_seconds'))}"
-        " min wall (teacher included only when trained by this call).",
+        + f"; teacher {_minutes(meta.get('teacher_seconds'))} min, whole benchmark "
+        f"{_minutes(meta.get('total_seconds'))} min wall (teacher included only when trained by this call).",
         f"- `{meta['command']}`",
         "- last: test top-1 (%) after the final epoch (the number to compare); best: the best per-epoch test top-1 "
         "(optimistic: chosen on the test split; on the held-out split where marked val). ± is the standard "
@@ -288,7 +292,8 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any], env: dict[str,
             seeds += f" (failed seeds: {', '.join(map(str, e['failed']))})"
         gain = "—" if e.get("gain_over_ce") is None or e["method"] == "ce" else f"{e['gain_over_ce']:+.2f}"
         gap = "—" if e.get("gap_to_kd") is None or e["method"] in ("ce", "kd") else f"{e['gap_to_kd']:+.2f}"
-        target = {True: "met", False: "**missed**"}.get(e.get("meets_target"), "—")  # type: ignore[call-overload]
+        met = e.get("meets_target")
+        target = "—" if met is None else "met" if met else "**missed**"
         minutes = statistics.fmean(e["stage_seconds_per_run"]) / 60 if e["stage_seconds_per_run"] else None
         best = _fmt(e["best"], n) + (" (val)" if e.get("best_split") == "val" else "")
         lines.append(

@@ -14,6 +14,7 @@ fresh test cache (about 15 s) plus resnet32x4 on 32x32 inputs would not fit the 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shlex
 import sys
@@ -283,3 +284,33 @@ def test_two_recipes_end_to_end_through_kd_table(tmp_path: Path, digits_folder: 
     assert [s["target"]["value"] for s in summaries] == [73.33, 76.32]
     table = kd_table.markdown(summaries, {"date": "d", "commit": "c"}, True, shlex.join(["kd_table.py", "--smoke"]))
     assert "meaningless" in table and "| 73.33 |" in table and "| 76.32 |" in table
+
+
+def test_cpu_slots_split_the_affinity_into_disjoint_equal_shares(
+    kd_table: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kd_table.os, "sched_getaffinity", lambda pid: {4, 5, 6, 7, 9})
+    assert kd_table.cpu_slots(2) == [[4, 5], [6, 7]]
+    assert kd_table.cpu_slots(1) == [[4, 5, 6, 7, 9]]
+    with pytest.raises(ValueError, match="--jobs 6 is more than the 5 CPUs"):
+        kd_table.cpu_slots(6)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two pinned runs need two CPUs")
+def test_parallel_runs_are_pinned_apart_and_come_back_in_task_order(
+    tmp_path: Path, digits_folder: Path, kd_table: ModuleType
+) -> None:
+    """Two ce runs (seeds 0 and 1) with jobs=2: each pinned to its own CPU slot, the rows in task order whatever
+    finishes first, each run with its own seed and folder."""
+    recipe = RECIPES_DIR / "ce_resnet8x4.yaml"
+    extra = ("data.kind=imagefolder", f"data.root={digits_folder}", "data.image_size=16", "device=cpu")
+    extra += ("stages.distill.train.batch_size=20",)
+    options = kd_table.Options(seeds=[0, 1], epochs=1, extra=extra, quiet=True, jobs=2)
+    tasks = [(recipe, 0), (recipe, 1)]
+    rows = kd_table.run_parallel(tasks, options, tmp_path / "work", order=lambda task: float(task[1]))
+    assert [r.get("error") for r in rows] == [None, None], rows
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert sorted(tuple(r["cpus"]) for r in rows) == [tuple(s) for s in kd_table.cpu_slots(2)]
+    for seed in (0, 1):
+        resolved = yaml.safe_load((tmp_path / "work" / f"ce_resnet8x4-s{seed}" / "resolved.yaml").read_text())
+        assert resolved["seed"] == seed

@@ -12,7 +12,7 @@ import math
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .baselines import Array, cross_entropy, kd
+from .baselines import Array, kd_total
 
 
 def gram(x: ArrayLike) -> Array:
@@ -87,5 +87,7 @@ def total_loss(
 ) -> float:
     """Step 10: ``w_ce·CE(z_s, y) + λ_kd·τ²·KL(softmax(z_t/τ) ‖ softmax(z_s/τ)) + ramp(epoch)·λ_dpk·Σ_k L_k``."""
     stages = float(np.sum(np.asarray(recon, dtype=np.float64)))
-    logit_terms = ce_weight * cross_entropy(student, targets) + kd_weight * kd(student, teacher, temperature)
-    return logit_terms + warmup_ramp(epoch, warmup_epochs) * dpk_weight * stages
+    return (
+        kd_total(student, teacher, targets, temperature, ce_weight, kd_weight)
+        + warmup_ramp(epoch, warmup_epochs) * dpk_weight * stages
+    )

@@ -9,7 +9,7 @@ import math
 
 from numpy.typing import ArrayLike
 
-from .baselines import cross_entropy, kd
+from .baselines import kd_total
 
 
 def swap_probability(
@@ -40,4 +40,4 @@ def total_loss(
     kd_weight: float = 1.0,
 ) -> float:
     """§2.2 step 4: ``w_ce·CE(logits_h, y) + λ_kd·τ²·KL(softmax(z_t/τ) ‖ softmax(logits_h/τ))`` (defaults 1, 1, τ = 4)."""
-    return ce_weight * cross_entropy(hybrid, targets) + kd_weight * kd(hybrid, teacher, temperature)
+    return kd_total(hybrid, teacher, targets, temperature, ce_weight, kd_weight)

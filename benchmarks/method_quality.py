@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="runs at once, each pinned to its own CPUs (on 2 cores, --jobs 2 runs two single-thread runs side by "
-        "side: faster than one run with 2 threads for nets this small); the teacher is trained first, alone",
+        "side: about the throughput of one 2-thread run, without thread oversubscription); the teacher is trained "
+        "first, alone",
     )
     parser.add_argument(
         "--results-dir", type=Path, default=None, help="write the results here (default benchmarks/results)"

@@ -110,6 +110,10 @@ class ExportConfig(StageConfig):
     """onnx-int8 (and tensorrt int8): training images used to calibrate activation ranges."""
     per_channel: bool = True
     """onnx-int8: per-output-channel weight scales."""
+    reduce_range: bool | None = None
+    """int8: 7-bit weights. Default: on for onnx-int8 (exact on x86 CPUs without AVX-512 VNNI, where 8-bit
+    weights saturate onnxruntime's 16-bit intermediates), off for TensorRT int8. false: 8-bit weights, for CPUs
+    known to have VNNI."""
     tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
 
     @model_validator(mode="after")
@@ -206,7 +210,14 @@ class ExportStage(Stage):
             out = ctx.dir / ("model.int8.onnx" if for_trt else "model.onnx")
             # onnxruntime's CPU kernels fuse uint8 activations; TensorRT only accepts signed symmetric int8 Q/DQ
             act = "int8" if for_trt else "uint8"
-            artifact = quantize_int8(fp32_path, out, calibration, per_channel=cfg.per_channel, activation_type=act)
+            artifact = quantize_int8(
+                fp32_path,
+                out,
+                calibration,
+                per_channel=cfg.per_channel,
+                activation_type=act,
+                reduce_range=cfg.reduce_range,
+            )
         elif cfg.format == "tensorrt" and cfg.tensorrt.precision == "fp16":
             artifact = convert_fp16(fp32_path, ctx.dir / "model.fp16.onnx")
 

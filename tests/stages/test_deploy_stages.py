@@ -92,6 +92,10 @@ def test_exports_pass_parity_on_real_images(deployed: tuple[Path, RunSummary]) -
     assert int8["torch_top1"] - int8["export_top1"] <= 0.01
     graph = onnx.load(run_dir / "int8" / "model.onnx").graph
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+    settings = json.loads(
+        {p.key: p.value for p in onnx.load(run_dir / "int8" / "model.onnx").metadata_props}["kdpipe.quantization"]
+    )
+    assert settings["reduce_range"] is True  # the stage's default: 7-bit weights, exact without VNNI
     fp16 = onnx.load(run_dir / "fp16" / "model.onnx").graph
     assert fp16.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 IO kept
 

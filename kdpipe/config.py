@@ -44,6 +44,19 @@ DataKind = Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"]
 Augment = Literal["cifar", "cifar-reflect", "crop", "imagenet", "none"]
 
 
+class NormalizeStats(StrictModel):
+    """Explicit per-channel normalisation, in [0, 1] pixel units."""
+
+    mean: list[float] = Field(min_length=1)
+    std: list[PositiveFloat] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> NormalizeStats:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} values and std {len(self.std)}: give one per channel")
+        return self
+
+
 class DataConfig(StrictModel):
     """The dataset every stage of a run uses."""
 
@@ -59,6 +72,12 @@ class DataConfig(StrictModel):
     """Training augmentation: cifar (random crop with zero padding + horizontal flip), cifar-reflect (the same with
     reflect padding), crop (cifar without the flip, for data where a mirror image is another class, like digits),
     imagenet (random resized crop + flip), none."""
+    normalize: Literal["auto", "dataset", "model"] | NormalizeStats = "auto"
+    """Per-channel mean/std the images are normalised with (in training, parity checks and the exported model's
+    metadata): dataset (measured on the train split), model (what the pretrained teacher and student expect:
+    timm's pretrained_cfg, a timm hub folder's config.json, or a kdpipe weight file's metadata), or {mean: [...],
+    std: [...]}. auto: model when a teacher or student starts from pretrained weights whose mean/std are known
+    (and, when both are, agree), else dataset."""
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Share of the train split held out (seeded, stratified) as a validation split. Accuracy is reported on test."""
     subset: float | None = Field(None, gt=0.0, lt=1.0)
@@ -148,6 +167,15 @@ class TrainConfig(StrictModel):
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0.0)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    backbone_lr_scale: PositiveFloat = 1.0
+    """Fine-tuning: the trained network's parameters other than its class head get lr x this (e.g. 0.1 for a
+    pretrained backbone under a fresh head); the head and a method's extra modules keep the full lr."""
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
+    """Fine-tuning: timm's layer-wise lr decay (timm.optim.param_groups_layer_decay): each block from the head
+    down gets lr x layer_decay once more (0.65-0.8 is usual for ViTs and ConvNeXts); norms and biases get no weight
+    decay, as timm does. Combines with backbone_lr_scale."""
+    freeze_backbone_epochs: int = Field(0, ge=0)
+    """Fine-tuning: train only the class head (and a method's extra modules) for this many epochs, then all."""
     eval_every: PositiveInt = 1
     """Evaluate on the val split (test when val_fraction is 0) every this many epochs, and after the last."""
     early_stopping: EarlyStoppingConfig | None = None

@@ -83,13 +83,16 @@ class Splits:
     classes: list[str]
     """Class names; the index is the label."""
     mean: tuple[float, ...]
-    """Per-channel mean of the train split, in [0, 1] units."""
+    """Per-channel mean the images are normalised with, in [0, 1] units (the train split's unless
+    ``normalization`` says otherwise)."""
     std: tuple[float, ...]
-    """Per-channel standard deviation of the train split, in [0, 1] units."""
+    """Per-channel standard deviation, as ``mean``."""
     in_chans: int
     image_size: int
     name: str = ""
     """Where the data came from, e.g. ``imagefolder:/data/cifar10-jpg.tar.gz``; for logs and model cards."""
+    normalization: str = "dataset"
+    """Where ``mean``/``std`` come from: "dataset" (measured on train), or the pretrained model or config."""
 
     @property
     def num_classes(self) -> int:
@@ -108,6 +111,7 @@ class Splits:
             "test": len(self.test),
             "mean": [round(m, 6) for m in self.mean],
             "std": [round(s, 6) for s in self.std],
+            "normalization": self.normalization,
         }
 
 
@@ -268,13 +272,31 @@ def _streamed_stats(
     return tuple(float(v) for v in mean_t), tuple(float(v) for v in std_t)
 
 
-def create_splits(cfg: DataConfig, *, seed: int, base_dir: Path, data_files: str | None = None) -> Splits:
+@dataclass(frozen=True)
+class Normalization:
+    """Fixed per-channel statistics to normalise with instead of the train split's, and where they come from."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+
+
+def create_splits(
+    cfg: DataConfig,
+    *,
+    seed: int,
+    base_dir: Path,
+    data_files: str | None = None,
+    normalization: Normalization | None = None,
+) -> Splits:
     """Load the dataset ``cfg`` describes and return its train / val / test splits with normalisation statistics.
 
     ``seed`` is the run seed: it picks the validation samples (``cfg.val_fraction`` of train, stratified); the test
     split never depends on it. ``base_dir`` is the stages.yaml folder, against which a relative ``data.root`` and
     ``data.cache_dir`` are resolved. Decoded images are cached (see ``kdpipe.data.cache``). ``data_files`` is
     ``data_identity(cfg, base_dir)`` where the caller has it already (a folder's identity is one stat per file).
+    ``normalization``: statistics to use instead of the train split's (``data.normalize`` resolved by the
+    pipeline); they must have one value per image channel.
     """
     root = resolve_root(cfg, base_dir)
     cache_dir = None
@@ -303,7 +325,15 @@ def create_splits(cfg: DataConfig, *, seed: int, base_dir: Path, data_files: str
     if cfg.val_fraction > 0:
         keep, held = stratified_holdout(train.labels, cfg.val_fraction, derive_seed(seed, "val"))
         train, val = train.select(keep), train.select(held)
-    if not isinstance(train, TensorSplit):  # streamed
+    if normalization is not None:
+        if len(normalization.mean) != train.in_chans:
+            raise DataError(
+                f"data.normalize: {normalization.source} gives {len(normalization.mean)} channel(s) of mean/std, "
+                f"but the images have {train.in_chans}",
+                hint="set data.normalize: dataset, or {mean: [...], std: [...]} with one value per channel",
+            )
+        mean, std = normalization.mean, normalization.std
+    elif not isinstance(train, TensorSplit):  # streamed
         assert root is not None
         identity = data_files or data_identity(cfg, base_dir)
         mean, std = _streamed_stats(cfg, train, root, cache_dir, seed=seed, identity=identity)
@@ -319,6 +349,7 @@ def create_splits(cfg: DataConfig, *, seed: int, base_dir: Path, data_files: str
         in_chans=train.in_chans,
         image_size=train.image_size,
         name=name,
+        normalization=normalization.source if normalization is not None else "dataset",
     )
     logger.info(
         "data %s: %d classes, train %d, val %s, test %d, %dx%dx%d",

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from kdpipe import distributed
 from kdpipe.config import TrainConfig
@@ -79,7 +79,51 @@ def lr_factor(cfg: TrainConfig, epoch: int) -> float:
     return 1.0
 
 
-def create_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model``'s class head (timm's ``get_classifier``; none for a model without one)."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    return list(head.parameters()) if isinstance(head, nn.Module) else []
+
+
+def fine_tuning_groups(params: list[nn.Parameter], model: nn.Module | None, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for ``params`` with ``lr_scale`` from ``backbone_lr_scale`` and ``layer_decay``.
+
+    ``model`` is the network being trained (the student; the teacher in the teacher stage): its class head keeps
+    lr x 1, the rest of it lr x backbone_lr_scale, and with ``layer_decay`` each of its layers timm's decayed scale
+    too (timm's groups, norms and biases without weight decay). Parameters of other modules in ``params`` (a
+    method's adapters, an online peer) form one group at lr x 1. With the defaults: one group, as before.
+    """
+    if model is None or (cfg.backbone_lr_scale == 1.0 and cfg.layer_decay is None):
+        return [{"params": params}]
+    wanted = {id(p) for p in params}
+    head = {id(p) for p in classifier_parameters(model)}
+    if cfg.layer_decay is not None:
+        from timm.optim import param_groups_layer_decay
+
+        base = param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
+    else:
+        base = [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}]
+    groups: list[dict[str, Any]] = []
+    in_model: set[int] = set()
+    for group in base:
+        for is_head in (True, False):
+            members = [p for p in group["params"] if id(p) in wanted and (id(p) in head) == is_head]
+            if not members:
+                continue
+            scale = float(group.get("lr_scale", 1.0)) * (1.0 if is_head else cfg.backbone_lr_scale)
+            extra = {"weight_decay": group["weight_decay"]} if "weight_decay" in group else {}
+            groups.append({"params": members, "lr_scale": scale, **extra})
+            in_model.update(id(p) for p in members)
+    rest = [p for p in params if id(p) not in in_model]
+    if rest:
+        groups.append({"params": rest, "lr_scale": 1.0})
+    return groups
+
+
+def create_optimizer(
+    params: list[torch.nn.Parameter] | list[dict[str, Any]], cfg: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
     """SGD or AdamW from ``cfg``: PyTorch's fused kernels on CUDA (one launch for all parameters), multi-tensor
     ``foreach`` kernels elsewhere, unless ``cfg.performance.fused_optimizer`` says otherwise; the math is the same."""
     fused = cfg.performance.fused_optimizer
@@ -229,10 +273,24 @@ class Trainer:
 
     def _optimizer_factory(self, params: Any, lr: float | None = None, **overrides: Any) -> torch.optim.Optimizer:
         cfg = self.cfg.model_copy(update={"lr": self.cfg.lr if lr is None else lr, **overrides})
-        optimizer = create_optimizer(list(params), cfg, self.device)
+        groups = fine_tuning_groups(list(params), getattr(self.method, "student", None), cfg)
+        optimizer = create_optimizer(groups, cfg, self.device)  # type: ignore[arg-type]
         for group in optimizer.param_groups:
-            group["base_lr"] = cfg.lr  # follows the schedule: lr = base_lr * lr_factor(epoch)
+            # follows the schedule: lr = base_lr * lr_factor(epoch); lr_scale is the fine-tuning group's share
+            group["base_lr"] = cfg.lr * group.get("lr_scale", 1.0)
+            group["lr"] = group["base_lr"]
         return optimizer
+
+    def _freeze_backbone(self, epoch: int) -> None:
+        """``freeze_backbone_epochs``: the trained network's backbone takes no gradient for its first epochs."""
+        student = getattr(self.method, "student", None)
+        if self.cfg.freeze_backbone_epochs <= 0 or student is None:
+            return
+        frozen = epoch < self.cfg.freeze_backbone_epochs
+        head = {id(p) for p in classifier_parameters(student)}
+        for p in student.parameters():
+            if id(p) not in head:
+                p.requires_grad_(not frozen)
 
     def _check_finite(self, loss_sum: float, epoch: int, step: int) -> None:
         """Stop on a nan/inf loss (the epoch's running sum is finite only if every step's loss was)."""
@@ -347,6 +405,7 @@ class Trainer:
                 for group in (g for opt in optimizers if opt is not None for g in opt.param_groups if "base_lr" in g):
                     group["lr"] = group["base_lr"] * factor  # groups without base_lr keep a fixed lr
                 self.method.lr = lr
+                self._freeze_backbone(epoch)
                 self.method.on_epoch_start(epoch, cfg.epochs)
                 self.train_batches.set_epoch(epoch)
                 first = start_step if epoch == start_epoch else 0

@@ -16,6 +16,7 @@ import logging
 import pickle
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,14 @@ from torch import nn
 from kdpipe.errors import DataError
 from kdpipe.fileio import WriteError, atomic_write_with, zip_damage
 
-__all__ = ["load_weights", "read_weights_metadata", "save_weights"]
+__all__ = [
+    "HeadChange",
+    "fit_pretrained_state",
+    "load_weights",
+    "read_state_dict",
+    "read_weights_metadata",
+    "save_weights",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -82,6 +90,79 @@ def save_weights(model: nn.Module, path: str | Path, metadata: Mapping[str, str]
     return path
 
 
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a weight file's state_dict and metadata, with the checks of ``load_weights`` but no model to fit.
+
+    The formats are ``load_weights``'s; a file that cannot be read safely is a ``DataError``.
+    """
+    path = Path(path)
+    _require_file(path)
+    suffix = path.suffix.lower()
+    if suffix == _SAFETENSORS_SUFFIX:
+        return _read_safetensors(path)
+    if suffix in _TORCH_SUFFIXES:
+        return _extract_state_dict(_read_torch_file(path), path)
+    raise DataError(
+        f"{path}: unsupported weight file type {suffix or '(no suffix)'!r}",
+        hint=f"use a {_SAFETENSORS_SUFFIX} file or a torch file ({', '.join(_TORCH_SUFFIXES)})",
+    )
+
+
+@dataclass(frozen=True)
+class HeadChange:
+    """A classifier dropped from a weight file because the run has another number of classes (timm's rule)."""
+
+    file_classes: int
+    classes: int
+    layers: tuple[str, ...]
+
+    def describe(self) -> str:
+        return (
+            f"classifier {', '.join(self.layers)} re-initialised: the weights have {self.file_classes} classes, "
+            f"the run {self.classes}"
+        )
+
+
+def fit_pretrained_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str | Path
+) -> tuple[dict[str, torch.Tensor], HeadChange | None]:
+    """Check that pretrained weights fit ``model`` everywhere except, possibly, its class head.
+
+    The head (``model.pretrained_cfg["classifier"]``) may differ in its number of outputs only: then the returned
+    ``HeadChange`` says so, and the caller drops it as timm does for a new ``num_classes``. Any other difference
+    (a missing or unexpected key, another shape, a head of other input width) raises ``load_weights``'s
+    ``DataError``. Returns the state with wrapper prefixes removed.
+    """
+    path = Path(path)
+    expected = model.state_dict()
+    state = _strip_wrapper_prefixes(dict(state), expected)
+    names = _as_tuple((getattr(model, "pretrained_cfg", None) or {}).get("classifier"))
+    head_keys = {f"{name}.{part}" for name in names for part in ("weight", "bias")}
+    changed = [
+        k
+        for k in sorted(head_keys)
+        if k in state
+        and k in expected
+        and state[k].shape != expected[k].shape
+        and state[k].shape[1:] == expected[k].shape[1:]
+    ]
+    change = None
+    if changed:
+        file_classes = {int(state[k].shape[0]) for k in changed}
+        if len(file_classes) == 1:
+            layers = tuple(name for name in names if f"{name}.weight" in changed or f"{name}.bias" in changed)
+            change = HeadChange(file_classes.pop(), int(expected[changed[0]].shape[0]), layers)
+    skip = {f"{name}.{part}" for name in (change.layers if change else ()) for part in ("weight", "bias")}
+    _check_fits(
+        model,
+        {k: v for k, v in state.items() if k not in skip},
+        {k: v for k, v in expected.items() if k not in skip},
+        metadata,
+        path,
+    )
+    return state, change
+
+
 def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
     """Load a weight file into ``model`` and return the file's metadata (empty when it has none).
 
@@ -95,17 +176,7 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
             does not fit the model (missing/unexpected keys, shape mismatches).
     """
     path = Path(path)
-    _require_file(path)
-    suffix = path.suffix.lower()
-    if suffix == _SAFETENSORS_SUFFIX:
-        state, metadata = _read_safetensors(path)
-    elif suffix in _TORCH_SUFFIXES:
-        state, metadata = _extract_state_dict(_read_torch_file(path), path)
-    else:
-        raise DataError(
-            f"{path}: unsupported weight file type {suffix or '(no suffix)'!r}",
-            hint=f"use a {_SAFETENSORS_SUFFIX} file or a torch file ({', '.join(_TORCH_SUFFIXES)})",
-        )
+    state, metadata = read_state_dict(path)
     expected = model.state_dict()
     state = _strip_wrapper_prefixes(state, expected)
     _check_fits(model, state, expected, metadata, path)

@@ -8,6 +8,7 @@ from kdpipe.data import resolve_root
 from kdpipe.errors import DataError
 from kdpipe.pipeline.environment import resolve_device
 from kdpipe.pipeline.graph import Node, build_graph
+from kdpipe.pipeline.normalization import resolve_normalization
 from kdpipe.requirements import Requirement, enforce, from_check
 from kdpipe.tracking import requirements as tracking_requirements
 
@@ -42,4 +43,5 @@ def preflight(loaded: LoadedConfig, *, check_requirements: bool = True) -> list[
         enforce(requirements(loaded, nodes))
     for node in nodes:
         node.stage_cls.preflight(node.name, node.config, loaded)
+    resolve_normalization(loaded)  # conflicting pretrained normalisations are a config error, before any work
     return nodes

@@ -34,6 +34,7 @@ from kdpipe.pipeline.environment import environment, resolve_device
 from kdpipe.pipeline.environment import git_sha as git_sha  # re-exported: it used to live here
 from kdpipe.pipeline.fingerprint import fingerprint
 from kdpipe.pipeline.graph import Node, downstream_of
+from kdpipe.pipeline.normalization import resolve_normalization
 from kdpipe.pipeline.rundir import RunDir, hash_outputs, outputs_intact
 from kdpipe.progress import NullProgress, Progress
 from kdpipe.registry import suggest
@@ -118,7 +119,11 @@ class Runner:
         if self._splits is None:
             cfg = self.loaded.config
             self._splits = create_splits(
-                cfg.data, seed=cfg.seed, base_dir=self.loaded.base_dir, data_files=self._data_files
+                cfg.data,
+                seed=cfg.seed,
+                base_dir=self.loaded.base_dir,
+                data_files=self._data_files,
+                normalization=resolve_normalization(self.loaded),
             )
         return self._splits
 

@@ -18,7 +18,14 @@ from kdpipe.distill.methods.base import KDMethod
 from kdpipe.distill.trainer import Precision, Trainer, TrainResult
 from kdpipe.errors import ConfigError
 from kdpipe.fileio import write_error
-from kdpipe.models.factory import count_params, create_model, load_weights, save_weights
+from kdpipe.models.factory import (
+    WeightsInfo,
+    count_params,
+    create_model,
+    create_model_with_info,
+    load_weights,
+    save_weights,
+)
 from kdpipe.stages.base import StageContext, StageRecord
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,11 @@ Loader = BatchLoader | StreamLoader
 def build_model(name: str, splits: Splits, **kwargs: Any) -> nn.Module:
     """A timm model sized for the run's data (classes, input channels)."""
     return create_model(name, num_classes=splits.num_classes, in_chans=splits.in_chans, **kwargs)
+
+
+def build_model_with_info(name: str, splits: Splits, **kwargs: Any) -> tuple[nn.Module, WeightsInfo]:
+    """``build_model``, with where its weights came from and whether its class head was adapted."""
+    return create_model_with_info(name, num_classes=splits.num_classes, in_chans=splits.in_chans, **kwargs)
 
 
 def load_stage_model(record: StageRecord, splits: Splits, device: torch.device) -> nn.Module:
@@ -45,8 +57,11 @@ def save_stage_model(ctx: StageContext, model: nn.Module, model_name: str, role:
     if not ctx.is_main:
         return file
     splits = ctx.data()
+    # "arch" is what timm builds (a pretrained tag or a local-dir: source dropped); "model" is the name as configured.
+    arch = str((getattr(model, "pretrained_cfg", None) or {}).get("architecture") or model_name)
     metadata = {
-        "arch": model_name,
+        "arch": arch,
+        "model": model_name,
         "role": role,
         "num_classes": str(splits.num_classes),
         "in_chans": str(splits.in_chans),

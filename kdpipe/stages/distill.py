@@ -4,6 +4,7 @@ it on the test split and save the deployable student (never a training-only head
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -16,11 +17,11 @@ from kdpipe.distill.methods.base import MethodContext
 from kdpipe.distill.methods.kd import KDParams
 from kdpipe.distill.trainer import Precision
 from kdpipe.errors import ConfigError
-from kdpipe.models.factory import count_params
+from kdpipe.models.factory import count_params, weight_source_files
 from kdpipe.registry import METHODS, STAGES
 from kdpipe.stages.base import Stage, StageResult
 from kdpipe.stages.common import (
-    build_model,
+    build_model_with_info,
     check_early_stopping,
     load_stage_model,
     model_facts,
@@ -28,6 +29,7 @@ from kdpipe.stages.common import (
     test_loader,
     train_method,
 )
+from kdpipe.stages.teacher import ModelWeights, check_checkpoint
 from kdpipe.stages.validators import known_model
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,10 @@ class DistillConfig(StageConfig):
     """Any timm model name, or a CIFAR-style net kdpipe registers (kdpipe list models)."""
     method: method_params_union() = Field(default_factory=KDParams)  # type: ignore[valid-type]
     """The KD method and its hyperparameters: {name: kd, temperature: 4.0, ...} (kdpipe list methods)."""
+    student_weights: ModelWeights | None = None
+    """Start the student from pretrained weights ({pretrained: true} or {checkpoint: file or timm hub folder})
+    instead of a random initialisation; a head of another class count is re-initialised. The method's extra
+    modules (adapters, fusion heads, generators) are trained from scratch and never exported."""
     train: TrainConfig
     precision: Precision = "bf16"
     """Training precision on GPU (fp32 | bf16 | fp16); CPU always trains in fp32."""
@@ -60,8 +66,14 @@ class DistillStage(Stage):
         return ("teacher",) if METHODS.get(config.method.name).teacher_role != "none" else ()
 
     @classmethod
+    def input_files(cls, config: Any) -> list[Path]:
+        ckpt = config.student_weights.checkpoint if config.student_weights is not None else None
+        return weight_source_files(ckpt) if ckpt is not None else []
+
+    @classmethod
     def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:
         check_early_stopping(config.train, ("stages", name, "train"), loaded)
+        check_checkpoint(config.student_weights, ("stages", name, "student_weights"), loaded)
         method_cls = METHODS.get(config.method.name)
         where = loaded.where(("stages", name, "method", "name"))
         if method_cls.needs_val_split and loaded.config.data.val_fraction <= 0:
@@ -120,8 +132,15 @@ class DistillStage(Stage):
             if method_cls.teacher_role == "joint":
                 teacher.train()
         torch.manual_seed(ctx.seed)
-        student = build_model(cfg.student, splits)
+        sw = cfg.student_weights
+        student, source = build_model_with_info(
+            cfg.student,
+            splits,
+            pretrained=sw is not None and sw.pretrained,
+            checkpoint=sw.checkpoint if sw is not None else None,
+        )
         info: dict[str, Any] = {**model_facts(student, cfg.student), **teacher_info, "method": cfg.method.name}
+        info["weights"] = source.as_dict()
         context = MethodContext.from_splits(
             splits,
             batch_size=cfg.train.batch_size,

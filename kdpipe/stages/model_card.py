@@ -74,6 +74,27 @@ def _online_section(student: StageRecord) -> str:
     )
 
 
+def _weights_section(records: list[tuple[str, Any]]) -> str:
+    """Where the teacher and the student started from, for runs that used pretrained weights ("" otherwise)."""
+    rows = []
+    for role, record in records:
+        weights = record.result["info"].get("weights") if record is not None else None
+        if not weights or not weights.get("pretrained"):
+            continue
+        head = weights.get("head")
+        adapted = (
+            f"re-initialised ({', '.join(head['layers'])}: {head['file_classes']} -> {head['classes']} classes)"
+            if head
+            else "kept"
+        )
+        rows.append([role, record.result["info"]["model_name"], weights["source"], adapted])
+    if not rows:
+        return ""
+    return "Pretrained starting points; a class head of another size is re-initialised (timm's rule).\n\n" + table(
+        ["role", "model", "weights", "class head"], rows
+    )
+
+
 def _sections(ctx: StageContext) -> dict[str, str]:
     """Parity, latency and serving sections from the export, benchmark and serve stages upstream."""
     sections: dict[str, str] = {}
@@ -156,6 +177,9 @@ class ModelCardStage(Stage):
         )
         facts.extra_results = [_export_result(r) for r in ctx.upstream if r.type == "export"]
         facts.extra_sections = _sections(ctx)
+        weights = _weights_section([("teacher", teacher), ("student", student)])
+        if weights:
+            facts.extra_sections = {"Starting weights": weights, **facts.extra_sections}
         online = _network_results(student)
         if online:
             # The teacher stage gave an architecture (or a starting point); what the card reports is the network

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
@@ -65,8 +66,16 @@ class ServeStage(Stage):
             )
         else:
             max_batch = 0  # Triton's convention for a model whose dims include the batch
+        splits = ctx.data()
         common: dict[str, Any] = {
-            "labels": tuple(ctx.data().classes),
+            "labels": tuple(splits.classes),
+            # What a client applies before sending pixels (the same values the ONNX metadata holds).
+            "parameters": {
+                "preprocessing.mean": json.dumps([round(v, 6) for v in splits.mean]),
+                "preprocessing.std": json.dumps([round(v, 6) for v in splits.std]),
+                "preprocessing.image_size": str(splits.image_size),
+                "preprocessing.normalization": splits.normalization,
+            },
             "preferred_batch_sizes": tuple(cfg.preferred_batch_sizes),
             "max_queue_delay_us": cfg.max_queue_delay_us,
             "instance_kind": cfg.instance_kind,

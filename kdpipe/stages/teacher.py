@@ -15,11 +15,12 @@ from kdpipe.config import LoadedConfig, StageConfig, StrictModel, TrainConfig, r
 from kdpipe.distill.evaluate import evaluate
 from kdpipe.distill.methods.ce import CEParams, CrossEntropy
 from kdpipe.distill.trainer import Precision
-from kdpipe.errors import ConfigError
+from kdpipe.errors import ConfigError, DataError
+from kdpipe.models.factory import hub_folder_weights, weight_source_files
 from kdpipe.registry import STAGES
 from kdpipe.stages.base import Stage, StageResult
 from kdpipe.stages.common import (
-    build_model,
+    build_model_with_info,
     check_early_stopping,
     model_facts,
     save_stage_model,
@@ -31,15 +32,19 @@ from kdpipe.stages.validators import known_model
 log = logging.getLogger(__name__)
 
 
-class TeacherWeights(StrictModel):
-    """Where the teacher's weights come from. ``train`` may be combined with either source to fine-tune."""
+class ModelWeights(StrictModel):
+    """Pretrained weights for a model: timm's published ones, or a local file or timm hub folder.
+
+    A number of classes other than the run's is adapted as timm does: the class head is dropped and initialised
+    afresh (logged, and recorded in the stage result and the model card); a mismatch anywhere else is refused.
+    """
 
     pretrained: bool = False
-    """timm pretrained weights from the Hugging Face hub (needs network)."""
+    """timm's published weights for the model name (a tag picks a variant: resnet50.a1_in1k), from the Hugging
+    Face hub, or from the local hub cache alone with HF_HUB_OFFLINE=1."""
     checkpoint: Path | None = None
-    """A local .safetensors/.pt/.pth file (state_dict); relative to the stages.yaml folder."""
-    train: TrainConfig | None = None
-    """Train (or fine-tune) the teacher on the run's data with cross-entropy."""
+    """A local state_dict file (.safetensors/.pt/.pth/.bin/.ckpt) or a timm hub folder (config.json +
+    model.safetensors, as save_for_hf writes it); relative to the stages.yaml folder."""
 
     @field_validator("checkpoint")
     @classmethod
@@ -47,14 +52,42 @@ class TeacherWeights(StrictModel):
         return None if value is None else resolve_path(value, info)
 
     @model_validator(mode="after")
-    def _one_source(self) -> TeacherWeights:
+    def _one_source(self) -> ModelWeights:
         if self.pretrained and self.checkpoint is not None:
             raise ValueError("give either pretrained: true or checkpoint, not both")
+        if type(self) is ModelWeights and not (self.pretrained or self.checkpoint is not None):
+            raise ValueError("say where the weights come from: {pretrained: true} or {checkpoint: path}")
+        return self
+
+
+class TeacherWeights(ModelWeights):
+    """Where the teacher's weights come from. ``train`` may be combined with either source to fine-tune."""
+
+    train: TrainConfig | None = None
+    """Train (or fine-tune) the teacher on the run's data with cross-entropy."""
+
+    @model_validator(mode="after")
+    def _some_source(self) -> TeacherWeights:
         if not (self.pretrained or self.checkpoint is not None or self.train is not None):
             raise ValueError(
                 "say where the weights come from: {train: {...}}, {pretrained: true} or {checkpoint: path}"
             )
         return self
+
+
+def check_checkpoint(weights: ModelWeights | None, loc: tuple[str, ...], loaded: LoadedConfig) -> None:
+    """Preflight: a configured checkpoint exists (a file, or a folder holding a timm hub model)."""
+    ckpt = weights.checkpoint if weights is not None else None
+    if ckpt is None or ckpt.is_file():
+        return
+    where = loaded.where((*loc, "checkpoint"))
+    field = ".".join((*loc, "checkpoint"))
+    if not ckpt.exists():
+        raise ConfigError(f"{where}: {field}: file not found: {ckpt}")
+    try:
+        hub_folder_weights(ckpt)
+    except DataError as exc:
+        raise ConfigError(f"{where}: {field}: {exc.message}", hint=exc.hint) from None
 
 
 class TeacherConfig(StageConfig):
@@ -82,24 +115,29 @@ class TeacherStage(Stage):
     @classmethod
     def input_files(cls, config: Any) -> list[Path]:
         ckpt = config.weights.checkpoint if config.weights is not None else None
-        return [ckpt] if ckpt is not None else []
+        return weight_source_files(ckpt) if ckpt is not None else []
 
     @classmethod
     def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:
         if config.weights is not None:
             check_early_stopping(config.weights.train, ("stages", name, "weights", "train"), loaded)
-        ckpt = config.weights.checkpoint if config.weights is not None else None
-        if ckpt is not None and not ckpt.is_file():
-            where = loaded.where(("stages", name, "weights", "checkpoint"))
-            raise ConfigError(f"{where}: stages.{name}.weights.checkpoint: file not found: {ckpt}")
+        check_checkpoint(config.weights, ("stages", name, "weights"), loaded)
 
     def run(self) -> StageResult:
         ctx, cfg = self.ctx, self.config
         splits = ctx.data()
         torch.manual_seed(ctx.seed)
         weights = cfg.weights or TeacherWeights.model_construct(pretrained=False, checkpoint=None, train=None)
-        model = build_model(cfg.model, splits, pretrained=weights.pretrained, checkpoint=weights.checkpoint)
-        info: dict[str, Any] = model_facts(model, cfg.model)
+        model, source = build_model_with_info(
+            cfg.model, splits, pretrained=weights.pretrained, checkpoint=weights.checkpoint
+        )
+        if source.head is not None and weights.train is None:
+            raise ConfigError(
+                f"stages.{ctx.name}.weights: {source.describe_head()}, so the teacher's outputs would be random",
+                hint=f"add stages.{ctx.name}.weights.train to fine-tune it on the run's data first, or use "
+                f"weights with {splits.num_classes} classes",
+            )
+        info: dict[str, Any] = {**model_facts(model, cfg.model), "weights": source.as_dict()}
         history: list[dict[str, float]] = []
         if weights.train is not None:
             method = CrossEntropy(CEParams(), model)

@@ -22,6 +22,7 @@ from kdpipe.models import (
     read_weights_metadata,
     save_weights,
 )
+from kdpipe.models.factory import HeadChange, create_model_with_info, weight_source_files
 
 
 class NotATensor:
@@ -103,10 +104,14 @@ def test_create_model_pretrained_download_failure(monkeypatch: pytest.MonkeyPatc
         raise LocalEntryNotFoundError("cannot reach the Hugging Face hub")
 
     monkeypatch.setattr(timm, "create_model", offline)  # never touch the network in tests
+    monkeypatch.delenv("HF_HUB_OFFLINE")
     with pytest.raises(ConfigError, match="pretrained weights could not be downloaded") as err:
         create_model("resnet18", num_classes=10, pretrained=True)
-    assert "weights: {checkpoint: " in str(err.value)
+    assert "weights: {checkpoint: " in str(err.value) and "HF_HUB_OFFLINE=1" in str(err.value)
     assert isinstance(err.value.__cause__, LocalEntryNotFoundError)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"HF_HUB_OFFLINE is set .* \(timm/resnet18.a1_in1k\) are not in the local"):
+        create_model("resnet18", num_classes=10, pretrained=True)
 
 
 def test_create_model_rejects_two_weight_sources(tmp_path: Path) -> None:
@@ -284,3 +289,107 @@ def test_read_metadata_of_plain_safetensors(tmp_path: Path) -> None:
     path = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, str(path))
     assert read_weights_metadata(path) == {}
+
+
+# --- pretrained weights: head adaptation, hub folders, the offline hub cache ---
+
+
+def _body_equal(a: torch.nn.Module, b: torch.nn.Module, head: str = "fc.") -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], v) for k, v in sb.items() if not k.startswith(head))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_checkpoint_with_another_class_count_gets_a_fresh_head(tmp_path: Path, suffix: str) -> None:
+    source = _model("resnet10t", seed=1, num_classes=1000)
+    path = tmp_path / f"in1k{suffix}"
+    save_weights(source, path, {}) if suffix == ".safetensors" else torch.save(
+        {"state_dict": source.state_dict()}, path
+    )
+    torch.manual_seed(0)
+    model, info = create_model_with_info("resnet10t", num_classes=10, checkpoint=path)
+    assert _body_equal(model, source)  # every other tensor is the file's
+    assert model.state_dict()["fc.weight"].shape == (10, 512)
+    torch.manual_seed(0)
+    fresh = create_model("resnet10t", num_classes=10)
+    assert torch.equal(model.state_dict()["fc.weight"], fresh.state_dict()["fc.weight"])  # timm's own init
+    assert info.head == HeadChange(1000, 10, ("fc",)) and info.pretrained
+    assert info.as_dict()["head"] == {"adapted": True, "file_classes": 1000, "classes": 10, "layers": ["fc"]}
+    assert info.preprocessing == {}  # a bare state_dict carries none
+
+
+def test_checkpoint_with_the_same_class_count_loads_exactly(tmp_path: Path) -> None:
+    source = _model("resnet10t", seed=1, num_classes=10)
+    model, info = create_model_with_info(
+        "resnet10t", num_classes=10, checkpoint=save_weights(source, tmp_path / "w.safetensors", {})
+    )
+    assert _same_outputs(source, model) and info.head is None
+
+
+@pytest.mark.parametrize(
+    ("name", "head"),
+    [("mobilenetv3_small_050", "classifier."), ("convnext_atto", "head.fc."), ("regnetx_002", "head.fc.")],
+)
+def test_head_adaptation_follows_each_family_s_classifier(tmp_path: Path, name: str, head: str) -> None:
+    source = _model(name, seed=1, num_classes=1000)
+    model, info = create_model_with_info(
+        name, num_classes=7, checkpoint=save_weights(source, tmp_path / "w.safetensors", {})
+    )
+    assert _body_equal(model, source, head) and info.head is not None and info.head.classes == 7
+
+
+def test_a_mismatch_outside_the_head_is_still_refused(tmp_path: Path) -> None:
+    source = _model("resnet10t", num_classes=1000)
+    state = dict(source.state_dict())
+    state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"][:, :32]
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(DataError, match="1 shape mismatch") as err:
+        create_model_with_info("resnet10t", num_classes=10, checkpoint=path)
+    assert "fc.weight" not in str(err.value)  # the head is not the problem
+    with pytest.raises(DataError, match="missing key"):
+        create_model_with_info(
+            "resnet14t", num_classes=10, checkpoint=save_weights(source, tmp_path / "r10.safetensors", {})
+        )
+
+
+def _hub_folder(tmp_path: Path, model: torch.nn.Module, name: str = "hub") -> Path:
+    folder = tmp_path / name
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.2, 0.2)}
+    timm.models.save_for_hf(model, folder, safe_serialization=True)
+    return folder
+
+
+def test_timm_hub_folder_with_its_preprocessing(tmp_path: Path) -> None:
+    source = _model("resnet10t", seed=2, num_classes=1000)
+    folder = _hub_folder(tmp_path, source)
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    model, info = create_model_with_info("resnet10t", num_classes=10, checkpoint=folder)
+    assert _body_equal(model, source) and info.head == HeadChange(1000, 10, ("fc",))
+    assert info.preprocessing["mean"] == [0.5, 0.4, 0.3] and info.preprocessing["input_size"][0] == 3
+    assert info.source == f"timm folder {folder}"
+    assert weight_source_files(folder) == [folder / "config.json", folder / "model.safetensors"]
+
+
+def test_timm_hub_folder_errors(tmp_path: Path) -> None:
+    folder = _hub_folder(tmp_path, _model("resnet10t", num_classes=1000))
+    with pytest.raises(ConfigError, match="holds a 'resnet10t'") as err:
+        create_model_with_info("resnet14t", num_classes=10, checkpoint=folder)
+    assert "set the model to 'resnet10t'" in err.value.hint
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(DataError, match=r"has a config\.json but no weights"):
+        create_model_with_info("resnet10t", num_classes=10, checkpoint=folder)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="not a timm hub folder"):
+        create_model_with_info("resnet10t", num_classes=10, checkpoint=tmp_path / "empty")
+
+
+def test_pretrained_head_change_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = timm.create_model
+    # No download: the loading itself is the offline hub cache test's; this one checks what is reported.
+    monkeypatch.setattr(timm, "create_model", lambda name, **kw: real(name, **{**kw, "pretrained": False}))
+    _, info = create_model_with_info("resnet10t.c3_in1k", num_classes=5, pretrained=True)
+    assert info.head == HeadChange(1000, 5, ("fc",)) and info.source == "timm pretrained resnet10t.c3_in1k"
+    assert info.preprocessing["interpolation"] == "bicubic" and info.preprocessing["input_size"] == [3, 176, 176]
+    _, same = create_model_with_info("resnet10t.c3_in1k", num_classes=1000, pretrained=True)
+    assert same.head is None

@@ -67,7 +67,9 @@ class DataConfig(StrictModel):
     """Dataset location; relative paths are resolved against the stages.yaml's folder. Required for
     cifar10, cifar100 and imagefolder."""
     image_size: PositiveInt | None = None
-    """Side length in pixels the images are resized to. Default: 16 for digits, the native size otherwise."""
+    """Side length in pixels the images are resized to. Default: the input size of the pretrained weights a teacher
+    or student starts from (timm's pretrained_cfg, a hub folder's config.json, a kdpipe weight file's metadata),
+    else 16 for digits and the native size otherwise."""
     augment: Augment = "cifar"
     """Training augmentation: cifar (random crop with zero padding + horizontal flip), cifar-reflect (the same with
     reflect padding), crop (cifar without the flip, for data where a mirror image is another class, like digits),

@@ -249,14 +249,13 @@ def _from_checkpoint(
     return model, WeightsInfo(source, head, _preprocessing(cfg) if path.is_dir() else {})
 
 
-def expected_normalization(
-    name: str, *, pretrained: bool = False, checkpoint: Path | None = None
-) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """The mean/std pretrained weights expect, known without building the model or touching the network.
+def expected_preprocessing(name: str, *, pretrained: bool = False, checkpoint: Path | None = None) -> dict[str, Any]:
+    """What pretrained weights expect of their input, known without building the model or touching the network:
+    ``mean`` and ``std`` (tuples) and ``image_size`` (the side of timm's ``input_size``), each where known.
 
     ``pretrained``: timm's pretrained_cfg of ``name`` (its tag, or the default one). ``checkpoint``: a timm hub
-    folder's ``config.json``, or a ``.safetensors`` file's ``mean``/``std`` metadata (kdpipe writes them). None
-    when unknown: a bare state_dict, an ``hf-hub:`` name, random initialisation.
+    folder's ``config.json``, or a ``.safetensors`` file's metadata (kdpipe writes mean, std and image_size).
+    Empty when unknown: a bare state_dict, an ``hf-hub:`` name, random initialisation.
     """
     cfg: dict[str, Any] = {}
     if pretrained and not name.startswith(_SOURCE_PREFIXES):
@@ -266,21 +265,36 @@ def expected_normalization(
         try:
             loaded = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return None  # the build reports a broken folder with its own message
-        cfg = loaded.get("pretrained_cfg") or loaded if isinstance(loaded, dict) else {}
+            return {}  # the build reports a broken folder with its own message
+        cfg = (loaded.get("pretrained_cfg") or loaded) if isinstance(loaded, dict) else {}
     elif checkpoint is not None and checkpoint.suffix.lower() == ".safetensors" and checkpoint.is_file():
         try:
             meta = read_weights_metadata(checkpoint)
-            cfg = {
-                "mean": [float(v) for v in meta["mean"].split(",")],
-                "std": [float(v) for v in meta["std"].split(",")],
-            }
-        except (KeyError, ValueError, DataError):
-            return None
-    mean, std = cfg.get("mean"), cfg.get("std")
-    if not mean or not std:
-        return None
-    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        except DataError:
+            return {}
+        try:
+            cfg["mean"] = [float(v) for v in meta["mean"].split(",")]
+            cfg["std"] = [float(v) for v in meta["std"].split(",")]
+        except (KeyError, ValueError):
+            cfg = {}
+        if meta.get("image_size", "").isdigit():
+            cfg["input_size"] = (0, int(meta["image_size"]), int(meta["image_size"]))
+    out: dict[str, Any] = {}
+    if cfg.get("mean") and cfg.get("std"):
+        out["mean"] = tuple(float(v) for v in cfg["mean"])
+        out["std"] = tuple(float(v) for v in cfg["std"])
+    size = cfg.get("input_size")
+    if size and len(size) == 3 and int(size[1]) == int(size[2]) and int(size[1]) > 0:
+        out["image_size"] = int(size[1])
+    return out
+
+
+def expected_normalization(
+    name: str, *, pretrained: bool = False, checkpoint: Path | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The (mean, std) of ``expected_preprocessing``, or None when unknown."""
+    pre = expected_preprocessing(name, pretrained=pretrained, checkpoint=checkpoint)
+    return (pre["mean"], pre["std"]) if "mean" in pre else None
 
 
 def hub_offline() -> bool:

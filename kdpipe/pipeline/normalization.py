@@ -1,5 +1,6 @@
-"""``data.normalize`` resolved for a run: the dataset's statistics, explicit values, or what the pretrained teacher
-and student expect (timm's pretrained_cfg), checked for agreement before any work is done."""
+"""``data.normalize`` and an unset ``data.image_size`` resolved for a run: the dataset's statistics, explicit values,
+or what the pretrained teacher and student expect (timm's pretrained_cfg), checked for agreement before any work
+is done."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 from kdpipe.config import LoadedConfig, NormalizeStats
 from kdpipe.data.splits import Normalization
 from kdpipe.errors import ConfigError
-from kdpipe.models.factory import expected_normalization
+from kdpipe.models.factory import expected_preprocessing
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,8 @@ class Expectation:
         return f"{self.who} expects mean {_fmt(self.mean)}, std {_fmt(self.std)}"
 
 
-def pretrained_expectations(loaded: LoadedConfig) -> list[Expectation]:
-    """Every teacher or student of the run that starts from pretrained weights with a known normalisation."""
+def _pretrained_sources(loaded: LoadedConfig) -> list[tuple[str, dict[str, Any]]]:
+    """(who, expected_preprocessing) of every teacher or student of the run that starts from pretrained weights."""
     out = []
     for name, stage in loaded.config.stages.items():
         kind = getattr(stage, "type", None)
@@ -36,10 +37,29 @@ def pretrained_expectations(loaded: LoadedConfig) -> list[Expectation]:
             weights, model, role = stage.student_weights, stage.student, "student"
         if weights is None or not (weights.pretrained or weights.checkpoint is not None):
             continue
-        stats = expected_normalization(model, pretrained=weights.pretrained, checkpoint=weights.checkpoint)
-        if stats is not None:
-            out.append(Expectation(f"stages.{name} ({role} {model})", *stats))
+        pre = expected_preprocessing(model, pretrained=weights.pretrained, checkpoint=weights.checkpoint)
+        out.append((f"stages.{name} ({role} {model})", pre))
     return out
+
+
+def pretrained_expectations(loaded: LoadedConfig) -> list[Expectation]:
+    """Every teacher or student of the run that starts from pretrained weights with a known normalisation."""
+    return [Expectation(who, pre["mean"], pre["std"]) for who, pre in _pretrained_sources(loaded) if "mean" in pre]
+
+
+def resolve_image_size(loaded: LoadedConfig) -> int | None:
+    """For an unset ``data.image_size``: the pretrained networks' input side (timm's input_size), else None (the
+    data kind's default). Networks that expect different sizes are a ``ConfigError`` asking for one."""
+    if loaded.config.data.image_size is not None:
+        return None
+    sizes = [(who, pre["image_size"]) for who, pre in _pretrained_sources(loaded) if "image_size" in pre]
+    if len({size for _, size in sizes}) > 1:
+        raise ConfigError(
+            f"{loaded.where(('data',))}: data.image_size is unset and the pretrained networks expect different "
+            "input sizes: " + "; ".join(f"{who} {size} px" for who, size in sizes),
+            hint="set data.image_size (usually the deployed student's)",
+        )
+    return sizes[0][1] if sizes else None
 
 
 def resolve_normalization(loaded: LoadedConfig) -> Normalization | None:

@@ -221,3 +221,28 @@ def test_normalisation_errors_name_the_field(write_config: Callable[..., Path], 
     digits = DIGITS + "  teacher: {type: teacher, model: resnet10t, weights: {checkpoint: hub, train: {epochs: 1}}}\n"
     with pytest.raises(DataError, match=r"gives 3 channel\(s\) of mean/std, but the images have 1"):
         Runner(load_config(write_config(digits, "digits.yaml")), tmp_path / "digits").run()
+
+
+def test_unset_image_size_follows_the_pretrained_weights(write_config: Callable[..., Path], tmp_path: Path) -> None:
+    model = create_model("resnet8", num_classes=10, in_chans=1)
+    save_weights(model, tmp_path / "digits12.safetensors", {"image_size": "12", "mean": "0.25", "std": "0.5"})
+    text = DIGITS.replace("image_size: 16, ", "")
+    text += (
+        "  teacher: {type: teacher, model: resnet8, weights: {checkpoint: digits12.safetensors, train: {epochs: 1}}}\n"
+    )
+    Runner(load_config(write_config(text)), tmp_path / "run").run()
+    from kdpipe.models.factory import read_weights_metadata
+
+    meta = read_weights_metadata(tmp_path / "run" / "teacher" / "model.safetensors")
+    assert meta["image_size"] == "12" and meta["mean"] == "0.250000" and meta["std"] == "0.500000"
+
+    _hub_folder(tmp_path / "hub", "resnet10t", (0.5, 0.4, 0.3))  # timm's resnet10t: 176 px
+    both = text + "  student:\n    type: distill\n    student: resnet10t\n    student_weights: {checkpoint: hub}\n"
+    both += "    method: {name: kd}\n    train: {epochs: 1}\n"
+    with pytest.raises(
+        ConfigError, match=r"expect different input sizes: .*teacher resnet8\) 12 px; .*resnet10t\) 176 px"
+    ):
+        Runner(
+            load_config(write_config(both.replace("kind: digits,", "kind: digits, normalize: dataset,"), "b.yaml")),
+            tmp_path / "b",
+        )

@@ -12,15 +12,14 @@ from types import ModuleType
 
 import pytest
 
-from tests.conftest import REPO
-from tests.test_recipes import _load_module
+from tests.conftest import REPO, load_module
 
 
 @pytest.fixture(scope="module")
 def mq() -> ModuleType:
     sys.path.insert(0, str(REPO / "benchmarks"))  # method_quality imports its siblings kd_table and _common
     try:
-        return _load_module(REPO / "benchmarks" / "method_quality.py", "method_quality")
+        return load_module(REPO / "benchmarks" / "method_quality.py", "method_quality")
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
 

@@ -13,7 +13,6 @@ fresh test cache (about 15 s) plus resnet32x4 on 32x32 inputs would not fit the 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
@@ -33,7 +32,7 @@ from kdpipe.cli import cli
 from kdpipe.config import load_config
 from kdpipe.data.splits import resolve_root
 from kdpipe.pipeline.runner import preflight
-from tests.conftest import REPO, shared_dataset
+from tests.conftest import REPO, load_module, shared_dataset
 
 RECIPES_DIR = REPO / "examples" / "recipes"
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -42,20 +41,11 @@ ARCHIVES = {"cifar100": "cifar100-jpg.tar.gz", "cifar10": "cifar10-jpg.tar.gz"}
 NO_TARGET = {"dpk", "iakd"}
 
 
-def _load_module(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def kd_table() -> ModuleType:
     sys.path.insert(0, str(REPO / "benchmarks"))  # kd_table imports its sibling _common
     try:
-        return _load_module(REPO / "benchmarks" / "kd_table.py", "kd_table")
+        return load_module(REPO / "benchmarks" / "kd_table.py", "kd_table")
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
 
@@ -98,7 +88,7 @@ def _raw(recipe: Path) -> dict[str, Any]:
 
 
 def test_recipes_are_the_generators_output() -> None:
-    generate = _load_module(RECIPES_DIR / "_generate.py", "recipes_generate")
+    generate = load_module(RECIPES_DIR / "_generate.py", "recipes_generate")
     expected = generate.outputs()
     for path, text in expected.items():
         assert path.is_file(), f"{path.name} is missing: run python examples/recipes/_generate.py"

@@ -74,6 +74,21 @@ def _cuda() -> dict[str, Any]:
     return info
 
 
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+"""/proc/cpuinfo flags of x86 int8 dot-product instructions, without which onnxruntime's u8 x s8 kernels saturate
+8-bit weights (kdpipe's onnx-int8 uses 7-bit weights by default for that reason)."""
+
+
+def cpu_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
+    """Whether this x86 CPU has an int8 dot-product instruction (VNNI or AMX); None where that cannot be read."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    return None if flags is None else any(f in flags for f in VNNI_FLAGS)
+
+
 def facts() -> dict[str, Any]:
     """Everything ``kdpipe doctor`` reports about the machine."""
     import torch
@@ -100,7 +115,12 @@ def facts() -> dict[str, Any]:
         "packages": packages,
         "onnxruntime_providers": providers,
         "cuda": _cuda(),
-        "cpu": {"count": os.cpu_count(), "usable": usable, "torch_threads": torch.get_num_threads()},
+        "cpu": {
+            "count": os.cpu_count(),
+            "usable": usable,
+            "torch_threads": torch.get_num_threads(),
+            "vnni": cpu_vnni(),
+        },
     }
 
 
@@ -185,6 +205,13 @@ def render(info: dict[str, Any]) -> str:
     lines.append(
         _line("CPUs", f"{cpu['usable']} usable of {cpu['count']}", f"torch uses {cpu['torch_threads']} threads")
     )
+    if cpu.get("vnni") is not None:
+        note = (
+            "reduce_range: false is exact on this CPU"
+            if cpu["vnni"]
+            else "keep onnx-int8's default 7-bit weights (reduce_range): 8-bit ones saturate here"
+        )
+        lines.append(_line("VNNI", "yes" if cpu["vnni"] else "no", note))
     config = info.get("config")
     if config is not None:
         names = ", ".join(s["name"] for s in config["stages"])

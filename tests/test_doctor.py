@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner, Result
 
 import kdpipe
-from kdpipe.doctor import doctor_command
+from kdpipe.doctor import doctor_command, facts, render
 from kdpipe.requirements import module_available
 from tests.conftest import TINY
 
@@ -142,3 +142,17 @@ def test_require(monkeypatch: pytest.MonkeyPatch) -> None:
     result = doctor("--require", "tensorboard")
     assert result.exit_code == 2 and "needs tensorboard, which is not installed" in result.stderr
     assert doctor("--require", "gpu").exit_code == 2  # not a choice: a usage error
+
+
+def test_vnni_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    from kdpipe.doctor import cpu_vnni
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+    assert cpu_vnni(info) is True
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx avx2\n")  # this session's AMD EPYC
+    assert cpu_vnni(info) is False
+    assert cpu_vnni(tmp_path / "absent") is None
+    report = facts()
+    assert report["cpu"]["vnni"] == cpu_vnni()
+    assert ("  VNNI " in render(report)) == (cpu_vnni() is not None)

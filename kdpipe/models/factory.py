@@ -289,14 +289,6 @@ def expected_preprocessing(name: str, *, pretrained: bool = False, checkpoint: P
     return out
 
 
-def expected_normalization(
-    name: str, *, pretrained: bool = False, checkpoint: Path | None = None
-) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """The (mean, std) of ``expected_preprocessing``, or None when unknown."""
-    pre = expected_preprocessing(name, pretrained=pretrained, checkpoint=checkpoint)
-    return (pre["mean"], pre["std"]) if "mean" in pre else None
-
-
 def hub_offline() -> bool:
     """Whether ``HF_HUB_OFFLINE`` asks for the local hub cache only."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")

@@ -8,7 +8,7 @@ from kdpipe.data import resolve_root
 from kdpipe.errors import DataError
 from kdpipe.pipeline.environment import resolve_device
 from kdpipe.pipeline.graph import Node, build_graph
-from kdpipe.pipeline.normalization import resolve_image_size, resolve_normalization
+from kdpipe.pipeline.normalization import resolve_preprocessing
 from kdpipe.requirements import Requirement, enforce, from_check
 from kdpipe.tracking import requirements as tracking_requirements
 
@@ -43,7 +43,5 @@ def preflight(loaded: LoadedConfig, *, check_requirements: bool = True) -> list[
         enforce(requirements(loaded, nodes))
     for node in nodes:
         node.stage_cls.preflight(node.name, node.config, loaded)
-    # conflicting pretrained normalisations or input sizes are config errors, before any work
-    resolve_normalization(loaded)
-    resolve_image_size(loaded)
+    resolve_preprocessing(loaded)  # conflicting pretrained normalisations or input sizes: config errors, before work
     return nodes

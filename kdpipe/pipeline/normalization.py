@@ -14,15 +14,18 @@ from kdpipe.models.factory import expected_preprocessing
 
 
 @dataclass(frozen=True)
-class Expectation:
-    """What one pretrained network expects."""
+class Preprocessing:
+    """What a run's data loader uses in place of its defaults: fixed statistics, an image size (None: the defaults)."""
 
-    who: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    normalization: Normalization | None
+    image_size: int | None
 
-    def describe(self) -> str:
-        return f"{self.who} expects mean {_fmt(self.mean)}, std {_fmt(self.std)}"
+
+def resolve_preprocessing(loaded: LoadedConfig) -> Preprocessing:
+    """``data.normalize`` and an unset ``data.image_size`` for ``loaded``, from the pretrained teacher and student
+    (each weight source read once). Disagreements the config must settle are ``ConfigError``s naming both sides."""
+    sources = _pretrained_sources(loaded)
+    return Preprocessing(_normalization(loaded, sources), _image_size(loaded, sources))
 
 
 def _pretrained_sources(loaded: LoadedConfig) -> list[tuple[str, dict[str, Any]]]:
@@ -42,17 +45,12 @@ def _pretrained_sources(loaded: LoadedConfig) -> list[tuple[str, dict[str, Any]]
     return out
 
 
-def pretrained_expectations(loaded: LoadedConfig) -> list[Expectation]:
-    """Every teacher or student of the run that starts from pretrained weights with a known normalisation."""
-    return [Expectation(who, pre["mean"], pre["std"]) for who, pre in _pretrained_sources(loaded) if "mean" in pre]
-
-
-def resolve_image_size(loaded: LoadedConfig) -> int | None:
+def _image_size(loaded: LoadedConfig, sources: list[tuple[str, dict[str, Any]]]) -> int | None:
     """For an unset ``data.image_size``: the pretrained networks' input side (timm's input_size), else None (the
     data kind's default). Networks that expect different sizes are a ``ConfigError`` asking for one."""
     if loaded.config.data.image_size is not None:
         return None
-    sizes = [(who, pre["image_size"]) for who, pre in _pretrained_sources(loaded) if "image_size" in pre]
+    sizes = [(who, pre["image_size"]) for who, pre in sources if "image_size" in pre]
     if len({size for _, size in sizes}) > 1:
         raise ConfigError(
             f"{loaded.where(('data',))}: data.image_size is unset and the pretrained networks expect different "
@@ -62,7 +60,7 @@ def resolve_image_size(loaded: LoadedConfig) -> int | None:
     return sizes[0][1] if sizes else None
 
 
-def resolve_normalization(loaded: LoadedConfig) -> Normalization | None:
+def _normalization(loaded: LoadedConfig, sources: list[tuple[str, dict[str, Any]]]) -> Normalization | None:
     """The statistics ``data.normalize`` asks for, or None for the train split's own (``dataset``)."""
     mode = loaded.config.data.normalize
     where = loaded.where(("data", "normalize"))
@@ -70,7 +68,7 @@ def resolve_normalization(loaded: LoadedConfig) -> Normalization | None:
         return Normalization(tuple(mode.mean), tuple(mode.std), "data.normalize (explicit)")
     if mode == "dataset":
         return None
-    expected = pretrained_expectations(loaded)
+    expected = [(who, pre["mean"], pre["std"]) for who, pre in sources if "mean" in pre]
     if not expected:
         if mode == "model":
             raise ConfigError(
@@ -79,16 +77,15 @@ def resolve_normalization(loaded: LoadedConfig) -> Normalization | None:
                 hint="use data.normalize: dataset, or give {mean: [...], std: [...]}",
             )
         return None
-    distinct = {(_key(e.mean), _key(e.std)) for e in expected}
-    if len(distinct) > 1:
+    if len({(_key(mean), _key(std)) for _, mean, std in expected}) > 1:
         raise ConfigError(
             f"{where}: data.normalize: {mode}: the pretrained networks expect different normalisations: "
-            + "; ".join(e.describe() for e in expected),
+            + "; ".join(f"{who} expects mean {_fmt(mean)}, std {_fmt(std)}" for who, mean, std in expected),
             hint="pick one: data.normalize: {mean: [...], std: [...]} (usually the deployed student's), "
             "or dataset for the train split's statistics",
         )
-    first = expected[0]
-    return Normalization(first.mean, first.std, "model: " + ", ".join(e.who for e in expected))
+    _, mean, std = expected[0]
+    return Normalization(mean, std, "model: " + ", ".join(who for who, _, _ in expected))
 
 
 def _key(values: tuple[float, ...]) -> tuple[float, ...]:

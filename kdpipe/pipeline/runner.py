@@ -34,7 +34,7 @@ from kdpipe.pipeline.environment import environment, resolve_device
 from kdpipe.pipeline.environment import git_sha as git_sha  # re-exported: it used to live here
 from kdpipe.pipeline.fingerprint import fingerprint
 from kdpipe.pipeline.graph import Node, downstream_of
-from kdpipe.pipeline.normalization import resolve_image_size, resolve_normalization
+from kdpipe.pipeline.normalization import resolve_preprocessing
 from kdpipe.pipeline.rundir import RunDir, hash_outputs, outputs_intact
 from kdpipe.progress import NullProgress, Progress
 from kdpipe.registry import suggest
@@ -118,14 +118,14 @@ class Runner:
     def _data(self) -> Splits:
         if self._splits is None:
             cfg = self.loaded.config
-            size = resolve_image_size(self.loaded)  # an unset data.image_size: the pretrained models' own
-            data = cfg.data if size is None else cfg.data.model_copy(update={"image_size": size})
+            pre = resolve_preprocessing(self.loaded)  # an unset data.image_size, data.normalize: the models' own
+            data = cfg.data if pre.image_size is None else cfg.data.model_copy(update={"image_size": pre.image_size})
             self._splits = create_splits(
                 data,
                 seed=cfg.seed,
                 base_dir=self.loaded.base_dir,
                 data_files=self._data_files,
-                normalization=resolve_normalization(self.loaded),
+                normalization=pre.normalization,
             )
         return self._splits
 

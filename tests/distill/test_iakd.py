@@ -637,3 +637,26 @@ def test_digits_run(digits: DigitsRun, tmp_path: Path) -> None:
         assert row["hybrid_top1"] == pytest.approx(row["train_top1"])
     assert rows[0]["swap_fraction"] > 0
     assert rows[-1]["swap_p"] == 0.0 and rows[-1]["swap_fraction"] == 0.0
+
+
+def test_student_mix_adds_the_pure_student_loss_on_swapped_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """student_mix μ: a step that swaps a stage trains (1 − μ)·L(hybrid) + μ·L(student), each the reference
+    w_ce·CE + w_kd·τ²·KL on the teacher's logits; a step without a swap is L(student) alone."""
+    params = IAKDParams(schedule="constant", p0=1.0, student_mix=0.25, kd_weight=0.5)
+    method = _method(params).train()
+    teacher = method.teacher
+    assert teacher is not None
+    method.on_epoch_start(0, 4)
+    x, y = _batch()
+    with torch.no_grad():
+        z_t = teacher(x).double().numpy()
+        z_h = method.hybrid_forward(x, [True, False, True])[0].double().numpy()
+        z_s = method.student(x).double().numpy()
+    hybrid = ref.total_loss(z_h, z_t, y.tolist(), kd_weight=0.5)
+    alone = ref.total_loss(z_s, z_t, y.tolist(), kd_weight=0.5)
+    assert abs(hybrid - alone) > 0.05  # the two terms differ, so a swapped weight would show
+    monkeypatch.setattr(method, "draw_swaps", lambda: [True, False, True])
+    out = method.training_step(x, y)
+    assert out["loss"].item() == pytest.approx(0.75 * hybrid + 0.25 * alone, rel=1e-5)
+    monkeypatch.setattr(method, "draw_swaps", lambda: [False, False, False])
+    assert method.training_step(x, y)["loss"].item() == pytest.approx(alone, rel=1e-5)

@@ -12,6 +12,9 @@ end at the same stride (``_stage_pairs``). Per mini-batch, with b_k ~ Bernoulli(
     h_0 = stem_s(x);  h_k = T̃_k(h_{k−1}) if b_k else S_k(h_{k−1});  z_h = head_s(tail_s(h_K))
     L = w_ce · CE(z_h, y) + w_kd · τ² · KL(softmax(z_t/τ) ‖ softmax(z_h/τ))     (+ w_hint · hint during warm-up)
 
+and, with ``student_mix`` μ > 0 (our extension), L = (1 − μ)·L(z_h) + μ·L(z_s) on steps that swap a stage, z_s the
+pure student's logits;
+
 with z_t from a separate full teacher forward under inference mode. Teacher stages are frozen and in eval mode, but
 autograd runs THROUGH them: the gradient that reaches upstream student stages via a swapped teacher stage is the
 teacher's "feedback". S_k and T_k are the student and teacher spans of pair k; where shapes differ,
@@ -114,6 +117,10 @@ class IAKDParams(MethodParams):
     """Weight of the adapters' FitNet-style MSE hints during the warm-up."""
     checkpoint_teacher: bool = False
     """Recompute swapped teacher stages in backward instead of storing their activations (saves memory)."""
+    student_mix: float = Field(0.0, ge=0.0, le=1.0)
+    """μ: on steps that swap a stage, the loss is (1 − μ)·L(hybrid) + μ·L(pure student), the same w_ce/w_kd loss on
+    the student's own forward, so the deployed network also trains as a whole while teacher stages are swapped in
+    (our extension, not in the reconstruction; 0 keeps it). Steps without a swap are L(student) either way."""
 
 
 def swap_probability(epoch: int, epochs: int, params: IAKDParams, warmup: int = 0) -> float:
@@ -360,6 +367,12 @@ class IAKD(KDMethod):
         else:
             teacher_logits = self.teacher_logits(images)
         out = iakd_loss(logits, teacher_logits, targets, self.params)
+        mix = self.params.student_mix
+        if mix > 0 and any(swaps):
+            alone = iakd_loss(self.student(images), teacher_logits, targets, self.params)
+            out["hybrid_loss"] = out["loss"].detach()
+            out["student_loss"] = alone["loss"].detach()
+            out["loss"] = (1.0 - mix) * out["loss"] + mix * alone["loss"]
         if hint is not None:
             out["loss"] = out["loss"] + self.params.hint_weight * hint
             out["hint"] = hint.detach()

@@ -80,6 +80,14 @@ class DataConfig(StrictModel):
     timm's pretrained_cfg, a timm hub folder's config.json, or a kdpipe weight file's metadata), or {mean: [...],
     std: [...]}. auto: model when a teacher or student starts from pretrained weights whose mean/std are known
     (and, when both are, agree), else dataset."""
+    crop_pct: float | None = Field(None, gt=0.0, le=1.0)
+    """imagefolder only: the evaluation centre crop (timm's crop_pct). Test images are resized on their short side to
+    floor(image_size / crop_pct) and centre-cropped to image_size, as timm's eval transform does; train images
+    (and the validation split held out of them) are resized on the short side to image_size and centre-cropped.
+    Default: the crop_pct of the pretrained weights a teacher or student starts from, else 1.0."""
+    interpolation: Literal["bilinear", "bicubic"] | None = None
+    """imagefolder only: the resampling filter used when images are resized. Default: that of the pretrained weights
+    a teacher or student starts from (timm's pretrained_cfg), else bilinear."""
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Share of the train split held out (seeded, stratified) as a validation split. Accuracy is reported on test."""
     subset: float | None = Field(None, gt=0.0, lt=1.0)
@@ -106,6 +114,12 @@ class DataConfig(StrictModel):
     def _root_required(self) -> DataConfig:
         if self.kind in ("cifar10", "cifar100", "imagefolder") and self.root is None:
             raise ValueError(f"data.root is required for kind {self.kind!r}: set it to the dataset folder or archive")
+        for field in ("crop_pct", "interpolation"):
+            if getattr(self, field) is not None and self.kind != "imagefolder":
+                raise ValueError(
+                    f"data.{field} is for kind imagefolder, whose images kdpipe resizes; {self.kind!r} images are "
+                    f"used as they are: remove data.{field}"
+                )
         if self.loader == "stream" and self.kind != "imagefolder":
             raise ValueError(
                 f"data.loader: stream is for kind imagefolder; {self.kind!r} fits in memory (use loader: memory)"

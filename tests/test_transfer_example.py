@@ -71,8 +71,14 @@ def test_transfer_example_runs_with_local_pretrained_folders(tmp_path: Path) -> 
         assert head["file_classes"] == 1000 and head["classes"] == classes
     meta = {p.key: p.value for p in onnx.load(run / "onnx" / "model.onnx").metadata_props}
     assert json.loads(meta["kdpipe.preprocessing.mean"]) == pytest.approx(list(IMAGENET_DEFAULT_MEAN))
+    # timm's eval transform of the deployed student (mobilenetv3: crop_pct 0.875, bicubic; resnet18 has 0.95)
+    assert json.loads(meta["kdpipe.preprocessing.crop_pct"]) == 0.875
+    assert meta["kdpipe.preprocessing.interpolation"] == "bicubic"
     triton = next((run / "serve").rglob("config.pbtxt")).read_text()
     assert "preprocessing.mean" in triton and "0.485" in triton
+    assert 'key: "preprocessing.crop_pct"' in triton and 'string_value: "0.875"' in triton
     card = json.loads((run / "card" / "card.json").read_text())
     assert card["dataset"]["normalization"].startswith("model: stages.teacher")
-    assert "Starting weights" in (run / "card" / "README.md").read_text()
+    readme = (run / "card" / "README.md").read_text()
+    assert "Starting weights" in readme
+    assert "evaluation resize: short side to 73 px (bicubic), then the centre 64×64 (crop_pct 0.875)" in readme

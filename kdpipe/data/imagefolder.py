@@ -5,9 +5,11 @@ Layout rules (torchvision ImageFolder conventions, plus what real archives need)
   ``val/`` is the test split when there is no ``test/``.
 - The label of a class is its position among the sorted ``train/`` class folders; test classes must be a subset.
 - Images may sit deeper inside a class folder; files directly in ``train/`` are ignored.
-- Images are converted to RGB; one that is not ``image_size`` square is resized on its short side with antialiased
-  bilinear and centre-cropped, so the aspect ratio is kept. Without ``image_size`` every image must already be the
-  same square size.
+- Images are converted to RGB; one that is not ``image_size`` square is resized on its short side (antialiased,
+  ``data.interpolation``: bilinear by default) and centre-cropped, so the aspect ratio is kept. Test images with
+  ``data.crop_pct`` < 1 get timm's evaluation transform instead: the short side resized to
+  ``floor(image_size / crop_pct)``, then the centre ``image_size`` square (torchvision's Resize and CenterCrop).
+  Without ``image_size`` every image must already be the same square size.
 
 Samples are ordered by (label, path), independent of the order inside the archive, so a folder and its tar give
 identical tensors. The decoded tensors go through ``kdpipe.data.cache``: the first load of CIFAR-10 takes seconds,
@@ -18,12 +20,16 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode
 
 from kdpipe.config import DataConfig
 from kdpipe.data import cache
@@ -84,27 +90,74 @@ def _group(listing: Listing, split: tuple[str, ...], classes: list[str], where: 
     return picked
 
 
-def decode_image(data: bytes, name: str, size: int | None) -> np.ndarray:
-    """Decode ``data`` to an RGB uint8 ``(H, W, 3)`` array, fitted to ``size`` x ``size`` when given."""
+@dataclass(frozen=True)
+class Fit:
+    """How a decoded image becomes ``size`` x ``size``: ``crop_pct`` 1 fits the short side (centre crop of the rest),
+    below 1 resizes the short side to ``floor(size / crop_pct)`` first and keeps the centre (timm's eval transform);
+    ``interpolation`` is the resampling filter ("bilinear" or "bicubic")."""
+
+    size: int
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in _FILTERS:
+            raise ValueError(f"interpolation must be one of {', '.join(_FILTERS)}, got {self.interpolation!r}")
+
+    @property
+    def resize_size(self) -> int:
+        """The short side before the centre crop (``size`` when ``crop_pct`` is 1)."""
+        return math.floor(self.size / self.crop_pct) if self.crop_pct < 1.0 else self.size
+
+    def describe(self) -> str:
+        """A cache-key part: empty for the defaults, so caches of earlier versions stay valid."""
+        parts = [f"crop={self.crop_pct:g}"] if self.crop_pct < 1.0 else []
+        return "|".join([*parts, f"interp={self.interpolation}"] if self.interpolation != "bilinear" else parts)
+
+    def apply(self, rgb: Image.Image) -> Image.Image:
+        size = (self.size, self.size)
+        if self.crop_pct >= 1.0:
+            return rgb if rgb.size == size else ImageOps.fit(rgb, size, method=_FILTERS[self.interpolation])
+        mode = getattr(InterpolationMode, self.interpolation.upper())
+        return TF.center_crop(TF.resize(rgb, self.resize_size, interpolation=mode), list(size))
+
+
+_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def decode_image(data: bytes, name: str, size: int | Fit | None) -> np.ndarray:
+    """Decode ``data`` to an RGB uint8 ``(H, W, 3)`` array, fitted to ``size`` x ``size`` (an int: the default
+    :class:`Fit`) when given."""
+    fit = Fit(size) if isinstance(size, int) else size
     try:
         with Image.open(io.BytesIO(data)) as image:
             rgb = image.convert("RGB")
-            if size is not None and rgb.size != (size, size):
-                rgb = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BILINEAR)
+            if fit is not None:
+                rgb = fit.apply(rgb)
             return np.asarray(rgb)
     except _DECODE_ERRORS as exc:
         raise DataError(f"cannot decode image {name}: {exc}", hint="delete or replace the file") from exc
 
 
 def _decode_all(
-    source: ImageSource, labelled: list[tuple[int, ImageEntry]], size: int | None, where: Path
+    source: ImageSource,
+    labelled: list[tuple[int, ImageEntry]],
+    fit: Fit | None,
+    where: Path,
+    eval_fit: Fit | None = None,
+    eval_from: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode every entry into its slot of one preallocated uint8 array (read in the source's fastest order)."""
+    """Decode every entry into its slot of one preallocated uint8 array (read in the source's fastest order); entries
+    from position ``eval_from`` on (the test split) with ``eval_fit`` when given."""
     slots = {id(entry): i for i, (_, entry) in enumerate(labelled)}
     out: np.ndarray | None = None
     first_name = ""
     for entry, data in source.read([entry for _, entry in labelled]):
-        pixels = decode_image(data, entry.name, size)
+        slot = slots[id(entry)]
+        use = eval_fit if eval_fit is not None and eval_from is not None and slot >= eval_from else fit
+        pixels = decode_image(data, entry.name, use)
         if out is None:
             height, width = pixels.shape[:2]
             if height != width:
@@ -120,7 +173,7 @@ def _decode_all(
                 f"{out.shape[2]}x{out.shape[1]}, and data.image_size is not set",
                 hint="set data.image_size so every image is resized to the same size",
             )
-        out[slots[id(entry)]] = pixels
+        out[slot] = pixels
     if out is None:
         raise DataError(f"no images found in {where}")
     images = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
@@ -160,13 +213,25 @@ def list_imagefolder(
     return classes, train, test
 
 
-def build_imagefolder(source: ImageSource, where: Path, image_size: int | None) -> SourceData:
-    """List, check and decode ``source`` (no cache): train and test splits with sorted train class names."""
+def fits(cfg: DataConfig, image_size: int | None) -> tuple[Fit | None, Fit | None]:
+    """The train and test :class:`Fit` of ``cfg`` at ``image_size`` (None, None: images kept at their size)."""
+    if image_size is None:
+        return None, None
+    interpolation = cfg.interpolation or "bilinear"
+    return Fit(image_size, 1.0, interpolation), Fit(image_size, cfg.crop_pct or 1.0, interpolation)
+
+
+def build_imagefolder(
+    source: ImageSource, where: Path, image_size: int | None, eval_fit: Fit | None = None
+) -> SourceData:
+    """List, check and decode ``source`` (no cache): train and test splits with sorted train class names. Train
+    images are fitted to ``image_size`` (with ``eval_fit``'s filter), test images with ``eval_fit`` when given."""
     start = time.perf_counter()
     classes, train, test = list_imagefolder(source, where)
     logger.info("decoding %d train + %d test images from %s", len(train), len(test), where)
+    fit = None if image_size is None else Fit(image_size, 1.0, eval_fit.interpolation if eval_fit else "bilinear")
     # One pass over both splits: a compressed archive is then decompressed only once more after listing.
-    images, labels = _decode_all(source, train + test, image_size, where)
+    images, labels = _decode_all(source, train + test, fit, where, eval_fit, len(train))
     n_train = len(train)
     train_images, train_labels, test_images, test_labels = (
         images[:n_train],
@@ -182,15 +247,22 @@ def load_imagefolder_source(cfg: DataConfig, root: Path | None, image_size: int 
     """Load ``root`` (folder or tar archive) through the tensor cache under ``cache_dir``."""
     if root is None:
         raise DataError("data.root is required for kind 'imagefolder'", hint="set data.root to a folder or archive")
+    if image_size is None and (cfg.crop_pct is not None or cfg.interpolation is not None):
+        raise DataError(
+            "data.crop_pct and data.interpolation resize images, but data.image_size is not set",
+            hint="set data.image_size, or remove data.crop_pct and data.interpolation",
+        )
+    _, eval_fit = fits(cfg, image_size)
+    variant = "|".join(p for p in (f"size={image_size or 'native'}", eval_fit.describe() if eval_fit else "") if p)
     source = open_image_source(root)
     try:
         payload = cache.load_or_build(
             cache_dir,
             kind="imagefolder",
             source=root,
-            variant=f"size={image_size or 'native'}",
+            variant=variant,
             identity=source.identity(),
-            build=lambda: build_imagefolder(source, root, image_size).to_payload(),
+            build=lambda: build_imagefolder(source, root, image_size, eval_fit).to_payload(),
         )
     finally:
         source.close()

@@ -93,6 +93,11 @@ class Splits:
     """Where the data came from, e.g. ``imagefolder:/data/cifar10-jpg.tar.gz``; for logs and model cards."""
     normalization: str = "dataset"
     """Where ``mean``/``std`` come from: "dataset" (measured on train), or the pretrained model or config."""
+    crop_pct: float = 1.0
+    """The test images' centre crop (timm's crop_pct): below 1, resized on the short side to
+    ``floor(image_size / crop_pct)`` before the centre ``image_size`` square is kept; 1: the short side fitted."""
+    interpolation: str = "bilinear"
+    """The filter images were resized with."""
 
     @property
     def num_classes(self) -> int:
@@ -112,6 +117,8 @@ class Splits:
             "mean": [round(m, 6) for m in self.mean],
             "std": [round(s, 6) for s in self.std],
             "normalization": self.normalization,
+            "crop_pct": self.crop_pct,
+            "interpolation": self.interpolation,
         }
 
 
@@ -263,7 +270,8 @@ def _streamed_stats(
         cache.resolve_cache_dir(cache_dir),
         kind="imagefolder-stats",
         source=root,
-        variant=f"size={cfg.image_size or 'native'}|subset={cfg.subset}|val={cfg.val_fraction}|seed={seed}",
+        variant=f"size={cfg.image_size or 'native'}|subset={cfg.subset}|val={cfg.val_fraction}|seed={seed}"
+        + (f"|interp={cfg.interpolation}" if cfg.interpolation not in (None, "bilinear") else ""),
         identity=identity,
         build=build,
     )
@@ -309,7 +317,7 @@ def create_splits(
         from kdpipe.data.stream import build_file_splits  # stream imports this module
 
         assert root is not None  # the config requires it for imagefolder
-        train, test, classes = build_file_splits(root, cfg.image_size)
+        train, test, classes = build_file_splits(root, cfg.image_size, cfg.crop_pct, cfg.interpolation)
         name = f"imagefolder:{root} (streamed)"
     else:
         source = load_source(cfg, root, cache_dir=cache_dir)
@@ -350,6 +358,8 @@ def create_splits(
         image_size=train.image_size,
         name=name,
         normalization=normalization.source if normalization is not None else "dataset",
+        crop_pct=cfg.crop_pct or 1.0,
+        interpolation=cfg.interpolation or "bilinear",
     )
     logger.info(
         "data %s: %d classes, train %d, val %s, test %d, %dx%dx%d",

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdpipe.data.archive import TAR_SUFFIXES, ImageEntry, TarSource, open_image_source
 from kdpipe.data.augment import augment_batch
-from kdpipe.data.imagefolder import decode_image, list_imagefolder
+from kdpipe.data.imagefolder import Fit, decode_image, list_imagefolder
 from kdpipe.data.loader import Batch, BatchLoader, normalize
 from kdpipe.data.splits import TensorSplit, derive_seed
 from kdpipe.errors import DataError
@@ -83,6 +83,9 @@ class FileSplit(Dataset[tuple[torch.Tensor, int]]):
     resize: bool = True
     archive: Path | None = None
     spans: torch.Tensor | None = None
+    crop_pct: float = 1.0
+    """Below 1: timm's evaluation resize and centre crop (``imagefolder.Fit``), as the test split of memory data."""
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
         if self.labels.dtype != torch.int64 or self.labels.shape != (len(self.names),):
@@ -110,13 +113,23 @@ class FileSplit(Dataset[tuple[torch.Tensor, int]]):
         index = torch.tensor(self._positions(indices), dtype=torch.int64)
         spans = None if self.spans is None else self.spans[index]
         names = tuple(self.names[i] for i in index.tolist())
-        return FileSplit(names, self.labels[index], self.image_size, self.resize, self.archive, spans)
+        return FileSplit(
+            names,
+            self.labels[index],
+            self.image_size,
+            self.resize,
+            self.archive,
+            spans,
+            self.crop_pct,
+            self.interpolation,
+        )
 
     def read(self, i: int) -> torch.Tensor:
         """Sample ``i`` decoded: uint8 ``(3, S, S)``."""
         name, size = self.names[i], self.image_size
         span = (0, 0) if self.spans is None else self.spans[i].tolist()
-        pixels = decode_image(_read(name, self.archive, *span), name, size if self.resize else None)
+        fit = Fit(size, self.crop_pct, self.interpolation) if self.resize else None
+        pixels = decode_image(_read(name, self.archive, *span), name, fit)
         if pixels.shape != (size, size, 3):
             raise DataError(
                 f"{name} is {pixels.shape[1]}x{pixels.shape[0]}, not {size}x{size}, and data.image_size is not set",
@@ -146,9 +159,12 @@ def refuse_compressed(root: Path) -> None:
         )
 
 
-def build_file_splits(root: Path, image_size: int | None = None) -> tuple[FileSplit, FileSplit, list[str]]:
+def build_file_splits(
+    root: Path, image_size: int | None = None, crop_pct: float | None = None, interpolation: str | None = None
+) -> tuple[FileSplit, FileSplit, list[str]]:
     """Train and test ``FileSplit`` and class names of the imagefolder at ``root`` (a folder or a plain .tar), with
-    the classes, labels and sample order that ``data.kind: imagefolder`` decodes into memory."""
+    the classes, labels, sample order and pixels that ``data.kind: imagefolder`` decodes into memory (``crop_pct``
+    and ``interpolation`` as ``data.crop_pct``/``data.interpolation``: the test split's crop, both splits' filter)."""
     refuse_compressed(root)
     source = open_image_source(root)
     try:
@@ -167,7 +183,12 @@ def build_file_splits(root: Path, image_size: int | None = None) -> tuple[FileSp
             )
         size = height
     resize = image_size is not None
-    return _file_split(train, archive, size, resize), _file_split(test, archive, size, resize), classes
+    filt = interpolation or "bilinear"
+    return (
+        _file_split(train, archive, size, resize, 1.0, filt),
+        _file_split(test, archive, size, resize, crop_pct or 1.0, filt),
+        classes,
+    )
 
 
 def _span(entry: ImageEntry) -> tuple[int, int]:
@@ -179,10 +200,18 @@ def _span(entry: ImageEntry) -> tuple[int, int]:
     return entry.handle.offset_data, entry.handle.size
 
 
-def _file_split(labelled: list[tuple[int, ImageEntry]], archive: Path | None, size: int, resize: bool) -> FileSplit:
+def _file_split(
+    labelled: list[tuple[int, ImageEntry]],
+    archive: Path | None,
+    size: int,
+    resize: bool,
+    crop_pct: float = 1.0,
+    interpolation: str = "bilinear",
+) -> FileSplit:
     labels = torch.tensor([label for label, _ in labelled], dtype=torch.int64)
     spans = None if archive is None else torch.tensor([_span(e) for _, e in labelled], dtype=torch.int64)
-    return FileSplit(tuple(e.name for _, e in labelled), labels, size, resize, archive, spans)
+    names = tuple(e.name for _, e in labelled)
+    return FileSplit(names, labels, size, resize, archive, spans, crop_pct, interpolation)
 
 
 class _Sampler:

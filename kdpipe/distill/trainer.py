@@ -274,7 +274,7 @@ class Trainer:
     def _optimizer_factory(self, params: Any, lr: float | None = None, **overrides: Any) -> torch.optim.Optimizer:
         cfg = self.cfg.model_copy(update={"lr": self.cfg.lr if lr is None else lr, **overrides})
         groups = fine_tuning_groups(list(params), getattr(self.method, "student", None), cfg)
-        optimizer = create_optimizer(groups, cfg, self.device)  # type: ignore[arg-type]
+        optimizer = create_optimizer(groups, cfg, self.device)
         for group in optimizer.param_groups:
             # follows the schedule: lr = base_lr * lr_factor(epoch); lr_scale is the fine-tuning group's share
             group["base_lr"] = cfg.lr * group.get("lr_scale", 1.0)

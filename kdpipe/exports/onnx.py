@@ -58,8 +58,10 @@ _CHECK_ATOL = 1e-5
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """What a server must do to an image before feeding the model: ``((pixel * scale) - mean) / std`` per channel,
-    after resizing to ``image_size`` and converting to ``channel_order`` ("RGB" for 3 channels, "L" for 1)."""
+    """What a server must do to an image before feeding the model: convert it to ``channel_order`` ("RGB" for 3
+    channels, "L" for 1), resize its short side to ``floor(image_size / crop_pct)`` with ``interpolation`` and keep
+    the centre ``image_size`` square (timm's eval transform; crop_pct 1: the short side fitted), then
+    ``((pixel * scale) - mean) / std`` per channel."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -69,6 +71,8 @@ class Preprocessing:
     classes: tuple[str, ...]
     layout: str = "NCHW"
     scale: float = 1 / 255
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
         if self.in_chans < 1 or self.image_size < 1:
@@ -79,6 +83,8 @@ class Preprocessing:
             raise ConfigError(
                 f"preprocessing mean {self.mean} and std {self.std} must have one value per channel ({self.in_chans})"
             )
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ConfigError(f"preprocessing crop_pct must be in (0, 1], got {self.crop_pct}")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"preprocessing std must be > 0 for every channel, got {self.std}")
         expected = {1: "L", 3: "RGB"}.get(self.in_chans)
@@ -95,16 +101,19 @@ class Preprocessing:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> Preprocessing:
-        """Inverse of ``to_metadata``; ``ExportError`` when a key is missing or unreadable."""
+        """Inverse of ``to_metadata``; ``ExportError`` when a key is missing or unreadable. Keys added after 0.1.0's
+        first exports (``crop_pct``, ``interpolation``) default to what those exports did."""
         values: dict[str, Any] = {}
         for f in fields(cls):
             key = f"{_PRE_PREFIX}{f.name}"
             if key not in meta:
+                if f.name in ("crop_pct", "interpolation"):
+                    continue
                 raise ExportError(
                     f"ONNX metadata lacks {key}", hint="the model was not exported by kdpipe; re-export it"
                 )
             raw = meta[key]
-            values[f.name] = raw if f.name in ("channel_order", "layout") else json.loads(raw)
+            values[f.name] = raw if f.name in ("channel_order", "layout", "interpolation") else json.loads(raw)
         for name in ("mean", "std", "classes"):
             values[name] = tuple(values[name])
         return cls(**values)

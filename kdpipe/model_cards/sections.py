@@ -122,6 +122,15 @@ def _data_section(facts: CardFacts) -> str:
     lines = [f"- kind: `{dataset.get('kind', 'unknown')}`", f"- name: {dataset.get('name', dataset.get('kind', '—'))}"]
     if dataset.get("image_size"):
         lines.append(f"- image size: {dataset['image_size']}×{dataset['image_size']} pixels")
+        crop, interpolation = dataset.get("crop_pct"), dataset.get("interpolation")
+        if crop is not None and crop < 1.0:
+            side = math.floor(dataset["image_size"] / crop)
+            lines.append(
+                f"- evaluation resize: short side to {side} px ({interpolation or 'bilinear'}), then the centre "
+                f"{dataset['image_size']}×{dataset['image_size']} (crop_pct {crop:g})"
+            )
+        elif interpolation is not None and interpolation != "bilinear":
+            lines.append(f"- resize filter: {interpolation}")
     classes = list(dataset.get("classes") or [])
     if classes:
         shown = ", ".join(f"`{c}`" for c in classes[:_MAX_CLASSES_SHOWN])

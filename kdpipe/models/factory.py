@@ -221,7 +221,8 @@ def _from_checkpoint(
                 f"timm hub folder {path} could not be read: {type(e).__name__}: {_first_line(e)}",
                 hint="check its config.json (architecture, num_classes, pretrained_cfg)",
             ) from e
-        arch = str(model.pretrained_cfg.get("architecture") or "")
+        pretrained_cfg: dict[str, Any] = getattr(model, "pretrained_cfg", None) or {}
+        arch = str(pretrained_cfg.get("architecture") or "")
         wanted = timm.models.split_model_name_tag(name)[0]
         if not name.startswith(_SOURCE_PREFIXES) and arch != wanted:
             raise ConfigError(
@@ -251,7 +252,8 @@ def _from_checkpoint(
 
 def expected_preprocessing(name: str, *, pretrained: bool = False, checkpoint: Path | None = None) -> dict[str, Any]:
     """What pretrained weights expect of their input, known without building the model or touching the network:
-    ``mean`` and ``std`` (tuples) and ``image_size`` (the side of timm's ``input_size``), each where known.
+    ``mean`` and ``std`` (tuples), ``image_size`` (the side of timm's ``input_size``), ``crop_pct`` (float) and
+    ``interpolation`` ("bilinear" or "bicubic"), each where known.
 
     ``pretrained``: timm's pretrained_cfg of ``name`` (its tag, or the default one). ``checkpoint``: a timm hub
     folder's ``config.json``, or a ``.safetensors`` file's metadata (kdpipe writes mean, std and image_size).
@@ -279,6 +281,9 @@ def expected_preprocessing(name: str, *, pretrained: bool = False, checkpoint: P
             cfg = {}
         if meta.get("image_size", "").isdigit():
             cfg["input_size"] = (0, int(meta["image_size"]), int(meta["image_size"]))
+        for key in ("crop_pct", "interpolation"):
+            if key in meta:
+                cfg[key] = meta[key]
     out: dict[str, Any] = {}
     if cfg.get("mean") and cfg.get("std"):
         out["mean"] = tuple(float(v) for v in cfg["mean"])
@@ -286,6 +291,14 @@ def expected_preprocessing(name: str, *, pretrained: bool = False, checkpoint: P
     size = cfg.get("input_size")
     if size and len(size) == 3 and int(size[1]) == int(size[2]) and int(size[1]) > 0:
         out["image_size"] = int(size[1])
+    try:
+        crop = float(cfg.get("crop_pct") or 0.0)
+    except (TypeError, ValueError):
+        crop = 0.0
+    if 0.0 < crop <= 1.0:
+        out["crop_pct"] = crop
+    if cfg.get("interpolation") in ("bilinear", "bicubic"):  # the filters kdpipe resizes with (timm's usual two)
+        out["interpolation"] = str(cfg["interpolation"])
     return out
 
 

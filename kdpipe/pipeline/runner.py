@@ -119,7 +119,7 @@ class Runner:
         if self._splits is None:
             cfg = self.loaded.config
             pre = resolve_preprocessing(self.loaded)  # an unset data.image_size, data.normalize: the models' own
-            data = cfg.data if pre.image_size is None else cfg.data.model_copy(update={"image_size": pre.image_size})
+            data = cfg.data.model_copy(update=pre.data_updates())
             self._splits = create_splits(
                 data,
                 seed=cfg.seed,

@@ -66,6 +66,8 @@ def save_stage_model(ctx: StageContext, model: nn.Module, model_name: str, role:
         "num_classes": str(splits.num_classes),
         "in_chans": str(splits.in_chans),
         "image_size": str(splits.image_size),
+        "crop_pct": f"{splits.crop_pct:g}",
+        "interpolation": splits.interpolation,
         "mean": ",".join(f"{v:.6f}" for v in splits.mean),
         "std": ",".join(f"{v:.6f}" for v in splits.std),
         "run": ctx.pipeline.name,

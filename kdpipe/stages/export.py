@@ -188,6 +188,8 @@ class ExportStage(Stage):
             in_chans=splits.in_chans,
             channel_order="RGB" if splits.in_chans == 3 else "L",
             classes=tuple(splits.classes),
+            crop_pct=splits.crop_pct,
+            interpolation=splits.interpolation,
         )
         meta = {"run": ctx.pipeline.name, "stage": ctx.name, "model": model_name}
         fp32_path = ctx.dir / ("model.onnx" if cfg.format == "onnx" else "model.fp32.onnx")

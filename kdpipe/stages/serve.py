@@ -74,6 +74,8 @@ class ServeStage(Stage):
                 "preprocessing.mean": json.dumps([round(v, 6) for v in splits.mean]),
                 "preprocessing.std": json.dumps([round(v, 6) for v in splits.std]),
                 "preprocessing.image_size": str(splits.image_size),
+                "preprocessing.crop_pct": f"{splits.crop_pct:g}",
+                "preprocessing.interpolation": splits.interpolation,
                 "preprocessing.normalization": splits.normalization,
             },
             "preferred_batch_sizes": tuple(cfg.preferred_batch_sizes),

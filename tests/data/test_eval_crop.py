@@ -103,7 +103,9 @@ def test_crop_and_filter_are_for_resized_imagefolder_data(write_config: Callable
     with pytest.raises(ValidationError, match="crop_pct"):
         DataConfig(kind="imagefolder", root=tmp_path, crop_pct=1.5)
     _folder(tmp_path / "images")
-    text = IMAGEFOLDER.replace("image_size: 32, ", "crop_pct: 0.9, ").replace("TEACHER_WEIGHTS", "weights: {train: {epochs: 1}}")
+    text = IMAGEFOLDER.replace("image_size: 32, ", "crop_pct: 0.9, ").replace(
+        "TEACHER_WEIGHTS", "weights: {train: {epochs: 1}}"
+    )
     text = text.replace("STUDENT_WEIGHTS", "")
     with pytest.raises(ConfigError, match=r"data.image_size is unset and no pretrained network gives an input size"):
         resolve_preprocessing(load_config(write_config(text)))
@@ -131,13 +133,13 @@ def _hub(path: Path, crop_pct: float, interpolation: str) -> Path:
     """A timm hub folder's config.json (all that resolving the preprocessing reads; the weights are never loaded)."""
     path.mkdir(parents=True)
     cfg = {"crop_pct": crop_pct, "interpolation": interpolation, "input_size": [3, 32, 32]}
-    (path / "config.json").write_text(json.dumps({"architecture": "resnet10t", "num_classes": 2, "pretrained_cfg": cfg}))
+    (path / "config.json").write_text(
+        json.dumps({"architecture": "resnet10t", "num_classes": 2, "pretrained_cfg": cfg})
+    )
     return path
 
 
-def test_unset_crop_and_filter_follow_the_pretrained_student(
-    write_config: Callable[..., Path], tmp_path: Path
-) -> None:
+def test_unset_crop_and_filter_follow_the_pretrained_student(write_config: Callable[..., Path], tmp_path: Path) -> None:
     _hub(tmp_path / "teacher-hub", 0.95, "bilinear")
     _hub(tmp_path / "student-hub", 0.875, "bicubic")
     teacher = "weights: {checkpoint: teacher-hub, train: {epochs: 1}}"

@@ -257,10 +257,14 @@ def expected_preprocessing(name: str, *, pretrained: bool = False, checkpoint: P
 
     ``pretrained``: timm's pretrained_cfg of ``name`` (its tag, or the default one). ``checkpoint``: a timm hub
     folder's ``config.json``, or a ``.safetensors`` file's metadata (kdpipe writes mean, std and image_size).
-    Empty when unknown: a bare state_dict, an ``hf-hub:`` name, random initialisation.
+    ``hf-hub:REPO`` with ``pretrained``: the repository's ``config.json``, from the local hub cache, else (unless
+    ``HF_HUB_OFFLINE``) downloaded alone, as timm reads it when it builds the model. Empty when unknown: a bare
+    state_dict, a hub repository that cannot be reached, random initialisation.
     """
     cfg: dict[str, Any] = {}
-    if pretrained and not name.startswith(_SOURCE_PREFIXES):
+    if pretrained and name.startswith("hf-hub:"):
+        cfg = _hub_repo_config(name.removeprefix("hf-hub:"))
+    elif pretrained and not name.startswith(_SOURCE_PREFIXES):
         found = timm.models.get_pretrained_cfg(name)
         cfg = found.to_dict() if found is not None else {}
     elif checkpoint is not None and checkpoint.is_dir() and (checkpoint / "config.json").is_file():
@@ -300,6 +304,32 @@ def expected_preprocessing(name: str, *, pretrained: bool = False, checkpoint: P
     if cfg.get("interpolation") in ("bilinear", "bicubic"):  # the filters kdpipe resizes with (timm's usual two)
         out["interpolation"] = str(cfg["interpolation"])
     return out
+
+
+def _hub_repo_config(repo: str) -> dict[str, Any]:
+    """The ``pretrained_cfg`` of a timm hub repository's ``config.json`` (``repo`` may end in ``@revision``): from
+    the local cache, else downloaded unless ``HF_HUB_OFFLINE``; empty when it cannot be had (building the model
+    reports why)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    repo_id, _, revision = repo.partition("@")
+    path: Any = try_to_load_from_cache(repo_id, "config.json", revision=revision or None)
+    if not isinstance(path, str) and not hub_offline():
+        try:
+            path = hf_hub_download(repo_id, "config.json", revision=revision or None)
+        except Exception as exc:  # no network, no such repo, no access: the model build gives the precise error
+            log.info("cannot read %s's config.json to learn its preprocessing: %s", repo_id, _first_line(exc))
+            return {}
+    if not isinstance(path, str):
+        return {}
+    try:
+        loaded = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(loaded, dict):
+        return {}
+    found = loaded.get("pretrained_cfg") or loaded
+    return found if isinstance(found, dict) else {}
 
 
 def hub_offline() -> bool:

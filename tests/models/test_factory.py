@@ -393,3 +393,36 @@ def test_pretrained_head_change_is_reported(monkeypatch: pytest.MonkeyPatch) -> 
     assert info.preprocessing["interpolation"] == "bicubic" and info.preprocessing["input_size"] == [3, 176, 176]
     _, same = create_model_with_info("resnet10t.c3_in1k", num_classes=1000, pretrained=True)
     assert same.head is None
+
+
+def test_hf_hub_repo_preprocessing_comes_from_the_cached_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ``hf-hub:`` name's mean/std, input size, crop and filter are its config.json's, read from the local hub
+    cache (conftest sets HF_HUB_OFFLINE, so nothing is downloaded); an uncached repository is simply unknown."""
+    import json
+
+    from huggingface_hub import constants
+
+    from kdpipe.models.factory import expected_preprocessing
+
+    revision = "1" * 40
+    folder = tmp_path / "models--someone--tiny-resnet"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(revision)
+    (folder / "snapshots" / revision).mkdir(parents=True)
+    pretrained_cfg = {
+        "mean": [0.5, 0.4, 0.3],
+        "std": [0.2, 0.2, 0.2],
+        "input_size": [3, 160, 160],
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+    }
+    config = {"architecture": "resnet10t", "num_classes": 7, "pretrained_cfg": pretrained_cfg}
+    (folder / "snapshots" / revision / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    pre = expected_preprocessing("hf-hub:someone/tiny-resnet", pretrained=True)
+    expected = {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.2, 0.2), "image_size": 160, "crop_pct": 0.9}
+    assert pre == {**expected, "interpolation": "bicubic"}
+    assert expected_preprocessing("hf-hub:someone/not-cached", pretrained=True) == {}
+    assert expected_preprocessing("hf-hub:someone/tiny-resnet", pretrained=False) == {}

@@ -348,7 +348,7 @@ def format_validation_error(
         loc = tuple(err["loc"])
         line = lookup_line(lines, loc)
         where = f"{path}:{line}" if line else str(path)
-        field = ".".join(str(p) for p in loc) or "(top level)"
+        field = ".".join(str(p) for p in config_path(loc)) or "(top level)"
         source = source_of(loc, applied)
         out.append(f"{where}: {field}: {_describe(err, loc)}" + (f" (set by {source})" if source else ""))
     return "\n".join(out)
@@ -382,6 +382,35 @@ def _describe(err: Any, loc: tuple[str | int, ...]) -> str:
         if msg.startswith(prefix):
             msg = msg[len(prefix) :]
     return msg
+
+
+def config_path(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """``loc`` of a validation error as the file spells it (and ``--set`` takes it): without the tags pydantic puts
+    into locations inside a discriminated union, so ``stages.verify.verify.min_top1`` is ``stages.verify.min_top1``
+    and ``stages.distill.distill.method.kd.temperature`` is ``stages.distill.method.temperature``."""
+    ann: Any = get_pipeline_model()
+    out: list[str | int] = []
+    rest = list(loc)
+    while rest:
+        part = rest.pop(0)
+        ann = _unwrap(ann)
+        origin = get_origin(ann)
+        if origin is dict:
+            ann = get_args(ann)[1]
+        elif origin is list:
+            ann = get_args(ann)[0]
+        elif origin in (Union, types.UnionType):
+            member = _union_member(ann, str(part))
+            if member is None:  # not a tag here: keep the rest as it is
+                return (*out, part, *rest)
+            ann = member
+            continue  # the tag, not a key of the file
+        elif part in getattr(ann, "model_fields", {}):
+            ann = ann.model_fields[part].annotation
+        else:
+            return (*out, part, *rest)
+        out.append(part)
+    return tuple(out)
 
 
 def _allowed_keys(loc: tuple[str | int, ...]) -> list[str]:

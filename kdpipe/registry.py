@@ -14,12 +14,23 @@ T = TypeVar("T")
 
 
 def suggest(name: str, choices: list[str] | tuple[str, ...]) -> str:
-    """Return ' (did you mean 'x'?)' for the closest of ``choices`` to ``name``, or '' when none is close."""
+    """Return ' (did you mean 'x'?)' for the closest of ``choices`` to ``name``, or '' when none is close. A choice
+    that differs only by look-alike characters (``l``/``1``, ``O``/``0``: ``min_topl``) wins over closer spellings."""
+    alike = [c for c in choices if _lookalike(c) == _lookalike(str(name))]
+    if alike:
+        return f" (did you mean '{alike[0]}'?)"
     close = difflib.get_close_matches(str(name).lower(), [c.lower() for c in choices], n=1, cutoff=0.6)
     if not close:
         return ""
     original = next(c for c in choices if c.lower() == close[0])
     return f" (did you mean '{original}'?)"
+
+
+_LOOKALIKE = str.maketrans({"l": "1", "i": "1", "|": "1", "o": "0"})
+
+
+def _lookalike(text: str) -> str:
+    return text.lower().translate(_LOOKALIKE)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ def test_tiny_config_is_valid(write_config: Callable[..., Path]) -> None:
 def test_unknown_key_names_line_and_suggests(write_config: Callable[..., Path]) -> None:
     path = write_config(TINY.replace("min_top1: 0.0", "min_top1: 0.0\n    min_topp1: 0.5"))
     msg = error_of(path)
-    assert f"{path}:19: stages.verify.verify.min_topp1: unknown key 'min_topp1' (did you mean 'min_top1'?)" in msg
+    assert f"{path}:19: stages.verify.min_topp1: unknown key 'min_topp1' (did you mean 'min_top1'?)" in msg
 
 
 def test_misspelled_stage_type(write_config: Callable[..., Path]) -> None:
@@ -69,13 +69,13 @@ def test_non_positive_epochs(write_config: Callable[..., Path], epochs: str) -> 
             )
         )
     )
-    assert "stages.distill.distill.train.epochs: Input should be greater than 0" in msg
+    assert "stages.distill.train.epochs: Input should be greater than 0" in msg
     assert ":15:" in msg
 
 
 def test_unknown_model_name(write_config: Callable[..., Path]) -> None:
     msg = error_of(write_config(TINY.replace("student: resnet8", "student: resnet8x5")))
-    assert "stages.distill.distill.student" in msg and "resnet8x5" in msg and "did you mean" in msg
+    assert "stages.distill.student" in msg and "resnet8x5" in msg and "did you mean" in msg
 
 
 def test_missing_data_path_is_a_data_error(write_config: Callable[..., Path], tmp_path: Path) -> None:
@@ -158,7 +158,7 @@ def test_set_overrides(write_config: Callable[..., Path]) -> None:
     assert loaded.config.seed == 3
     assert loaded.config.stages["distill"].method.temperature == 2.0
     msg = error_of(write_config(), "stages.distill.train.epochs=zero")
-    assert "stages.distill.distill.train.epochs" in msg
+    assert "stages.distill.train.epochs" in msg
 
 
 def test_set_override_syntax() -> None:
@@ -173,3 +173,15 @@ def test_json_schema_covers_stages_and_methods() -> None:
     schema = json.dumps(get_pipeline_model().model_json_schema())
     for name in ("TeacherConfig", "DistillConfig", "VerifyConfig", "ModelCardConfig", "KDParams", "CEParams"):
         assert name in schema
+
+
+def test_error_paths_are_the_files_own_and_lookalikes_are_suggested(write_config: Callable[..., Path]) -> None:
+    """A field inside a stage or a method is named as the file spells it (pasteable into --set), without the stage
+    type or method name pydantic puts into its locations; ``min_topl`` (an l for a 1) suggests min_top1."""
+    text = TINY.replace("method: {name: kd,", "method: {name: kd, temperatur: 3,").replace("min_top1:", "min_topl:")
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(text))
+    msg = err.value.message
+    assert "stages.distill.method.temperatur: unknown key 'temperatur' (did you mean 'temperature'?)" in msg
+    assert "stages.verify.min_topl: unknown key 'min_topl' (did you mean 'min_top1'?)" in msg
+    assert ".distill.distill." not in msg and ".verify.verify." not in msg and ".kd." not in msg

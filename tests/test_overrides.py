@@ -59,7 +59,7 @@ def test_errors_name_the_variable(write_config: Callable[..., Path]) -> None:
     cfg = write_config()
     with pytest.raises(ConfigError) as info:
         load_config(cfg, from_env({"KDPIPE_SET_STAGES__DISTILL__TRAIN__EPOCHS": "zero"}))
-    assert "stages.distill.distill.train.epochs" in info.value.message
+    assert "stages.distill.train.epochs" in info.value.message
     assert info.value.message.endswith("(set by KDPIPE_SET_STAGES__DISTILL__TRAIN__EPOCHS)")
     with pytest.raises(ConfigError, match=r"unknown key 'epoch' \(did you mean 'epochs'\?\).*KDPIPE_SET_STAGES__X"):
         load_config(cfg, [Override(("stages", "distill", "train", "epoch"), "1", "KDPIPE_SET_STAGES__X", True)])

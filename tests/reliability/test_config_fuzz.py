@@ -298,10 +298,10 @@ def test_each_hostile_snippet(fuzz_file: Path, name: str) -> None:
 @pytest.mark.parametrize(
     ("old", "new", "field"),
     [
-        ("backends: [torch, onnxruntime]", "backends: [0orch, onnxruntime]", "stages.bench.benchmark.backends"),
-        ("student: resnet8", "student: resnet9", "stages.distill.distill.student"),
-        ("name: dkd,", "name: dkdd,", "stages.distill.distill.method"),
-        ("format: onnx-int8", "format: onnx-int4", "stages.onnx.export.format"),
+        ("backends: [torch, onnxruntime]", "backends: [0orch, onnxruntime]", "stages.bench.backends"),
+        ("student: resnet8", "student: resnet9", "stages.distill.student"),
+        ("name: dkd,", "name: dkdd,", "stages.distill.method"),
+        ("format: onnx-int8", "format: onnx-int4", "stages.onnx.format"),
         ("device: cpu", "device: [cpu]", "device"),
     ],
     ids=["backend", "model", "method", "format", "device-type"],

@@ -297,9 +297,18 @@ def list_(what: str, show_all: bool) -> None:
         return
     table = Table(show_header=True, header_style="bold", box=None)
     table.add_column(registry.kind)
+    extra = {"formats": "file", "backends": "runs"}.get(what)
+    if extra:
+        table.add_column(extra)
     table.add_column("summary")
     for entry in registry:
-        table.add_row(entry.name, entry.summary)
+        if what == "formats":
+            table.add_row(entry.name, entry.obj.suffix, entry.summary)
+        elif what == "backends":
+            runs = "the PyTorch module" if entry.obj.needs == "module" else ", ".join(entry.obj.consumes)
+            table.add_row(entry.name, runs, entry.summary)
+        else:
+            table.add_row(entry.name, entry.summary)
     stdout.print(table)
 
 

@@ -292,27 +292,37 @@ class PipelineBase(StrictModel):
 def _stage_union() -> Any:
     from kdpipe.registry import STAGES
 
-    models = tuple(entry.obj.Config for entry in STAGES)
+    models = tuple(entry.obj.config_model() for entry in STAGES)
     if not models:
         raise RuntimeError("no stage types are registered: import kdpipe.stages before loading a config")
     return Annotated[Union[models], Field(discriminator="type")]  # noqa: UP007  (a runtime tuple of classes)
 
 
-_PIPELINE_MODEL: type[PipelineBase] | None = None
+_PIPELINE_MODEL: tuple[tuple[int, ...], type[PipelineBase]] | None = None
+
+
+def registry_generation() -> tuple[int, ...]:
+    """Changes whenever a stage type, method, export format or backend is registered or removed."""
+    from kdpipe.registry import BACKENDS, FORMATS, METHODS, STAGES
+
+    return tuple(r.generation for r in (STAGES, METHODS, FORMATS, BACKENDS))
 
 
 def get_pipeline_model() -> type[PipelineBase]:
-    """The pydantic model of a whole stages.yaml, built once from the registered stage types."""
+    """The pydantic model of a whole stages.yaml, built from the stage types and methods registered now: rebuilt when
+    a plugin registers one after import, so validation and ``kdpipe schema`` honour it."""
     global _PIPELINE_MODEL
-    if _PIPELINE_MODEL is None:
+    generation = registry_generation()
+    if _PIPELINE_MODEL is None or _PIPELINE_MODEL[0] != generation:
         union = _stage_union()
-        _PIPELINE_MODEL = create_model(
+        model = create_model(
             "PipelineConfig",
             __base__=PipelineBase,
             __doc__="A kdpipe stages.yaml.",
             stages=(dict[str, union], Field(min_length=1, description="Stages, run in file order.")),  # type: ignore[valid-type]
         )
-    return _PIPELINE_MODEL
+        _PIPELINE_MODEL = (generation, model)
+    return _PIPELINE_MODEL[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

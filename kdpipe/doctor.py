@@ -108,6 +108,10 @@ def facts() -> dict[str, Any]:
 
         providers = list(onnxruntime.get_available_providers())
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from kdpipe import plugins
+
+    importlib.import_module("kdpipe.stages")  # registers the built-ins, then imports the installed plugins
+
     return {
         "kdpipe": kdpipe.__version__,
         "kdpipe_path": str(Path(kdpipe.__file__).parent),
@@ -121,6 +125,7 @@ def facts() -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(),
             "vnni": cpu_vnni(),
         },
+        "plugins": {"loaded": plugins.load_plugins(), "failed": dict(plugins.FAILED)},
     }
 
 
@@ -212,6 +217,10 @@ def render(info: dict[str, Any]) -> str:
             else "keep onnx-int8's default 7-bit weights (reduce_range): 8-bit ones saturate here"
         )
         lines.append(_line("VNNI", "yes" if cpu["vnni"] else "no", note))
+    for name, module in info.get("plugins", {}).get("loaded", {}).items():
+        lines.append(_line(f"plugin {name}", "loaded", module))
+    for name, error in info.get("plugins", {}).get("failed", {}).items():
+        lines.append(_line(f"plugin {name}", "FAILED to import", error))
     config = info.get("config")
     if config is not None:
         names = ", ".join(s["name"] for s in config["stages"])

@@ -49,6 +49,8 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
+        self.generation = 0
+        """Bumped by every change, so that models built from the entries (the config unions) know to rebuild."""
 
     def register(self, name: str, *, summary: str = "", **meta: Any) -> Callable[[T], T]:
         """Decorator: ``@METHODS.register("kd", summary="...")``. Registering a name twice is a programming error."""
@@ -58,6 +60,7 @@ class Registry(Generic[T]):
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             doc = summary or ((getattr(obj, "__doc__", None) or "").strip().splitlines() or [""])[0]
             self._entries[name] = Entry(name=name, obj=obj, summary=doc, meta=dict(meta))
+            self.generation += 1
             return obj
 
         return deco
@@ -76,6 +79,17 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def in_registration_order(self) -> list[Entry[T]]:
+        """Entries in the order they were registered (built-ins first, then plugins): where the first match is a
+        default, e.g. the backend ``kdpipe bench`` picks for a file."""
+        return list(self._entries.values())
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (for a plugin's tests, which register and remove their objects)."""
+        self.get_entry(name)
+        del self._entries[name]
+        self.generation += 1
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

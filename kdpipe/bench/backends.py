@@ -59,6 +59,12 @@ class Backend:
     """What one timed call covers, for the report's method section."""
     needs: ClassVar[str] = "path"
     """"module": an ``nn.Module`` in ``BenchTarget.module``; "path": an artifact file in ``BenchTarget.path``."""
+    consumes: ClassVar[tuple[str, ...]] = ()
+    """The file suffixes a "path" backend runs (``.onnx``); the benchmark stage hands it every upstream export
+    with one of them, and ``kdpipe bench`` offers it for such files. A "module" backend lists the checkpoint
+    suffixes ``kdpipe bench`` can rebuild a module from."""
+    needs_cuda: ClassVar[bool] = False
+    """Runs on a GPU only (validation warns when the benchmark is on the CPU)."""
 
     def __init__(self, target: BenchTarget, device: torch.device, threads: int) -> None:
         self.target = target
@@ -118,6 +124,7 @@ class Backend:
 class TorchBackend(Backend):
     name = "torch"
     needs = "module"
+    consumes = (".pt", ".pth", ".safetensors")
     timed = (
         "model(x) under torch.inference_mode on an input already on the device, in the memory format (contiguous "
         "or channels_last) that a short probe found faster for this cell; on CUDA timed with CUDA events"
@@ -245,6 +252,7 @@ class TorchCompileBackend(TorchBackend):
 @BACKENDS.register("onnxruntime", summary="ONNX model in an onnxruntime InferenceSession (CUDA EP or CPU EP)")
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    consumes = (".onnx",)
     timed = (
         "CPU execution provider: session.run(None, {input: x}) with x a prepared numpy array, including the copy of "
         "the outputs into new numpy arrays. CUDA execution provider: session.run_with_iobinding with the input "
@@ -340,6 +348,8 @@ def _check_static_dims(shape: list[Any], batch_size: int, input_shape: tuple[int
 @BACKENDS.register("tensorrt", summary="serialized TensorRT engine (.plan) through kdpipe.exports.tensorrt")
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    consumes = (".plan", ".engine")
+    needs_cuda = True
     timed = (
         "runner(x) of kdpipe.exports.tensorrt.load_engine with x a host numpy array: the runner's API is "
         "host-to-host, so the input copy to the GPU, execution and the output copy back are all included"

@@ -31,22 +31,27 @@ from kdpipe.registry import BACKENDS
 
 logger = logging.getLogger(__name__)
 
-ACCEPTED = ".onnx (onnxruntime), .plan/.engine (TensorRT), .pt/.pth (TorchScript or state_dict), .safetensors"
 PREPROCESSING_KEY = "kdpipe.preprocessing"
-# Which backends can run which kind of file; the first is the default.
-_BACKENDS_BY_KIND = {
-    "onnx": ("onnxruntime",),
-    "engine": ("tensorrt",),
-    "torch": ("torch", "torch-compile"),
-}
-_KINDS = {
-    ".onnx": "onnx",
-    ".plan": "engine",
-    ".engine": "engine",
-    ".pt": "torch",
-    ".pth": "torch",
-    ".safetensors": "torch",
-}
+
+
+def backends_for(suffix: str) -> list[str]:
+    """The registered backends that run a ``suffix`` file (``Backend.consumes``), the default first."""
+    return [e.name for e in BACKENDS.in_registration_order() if suffix.lower() in e.obj.consumes]
+
+
+def accepted_kinds() -> str:
+    """``.onnx (onnxruntime), .plan/.engine (tensorrt), ...``: what ``kdpipe bench`` can run, from the registry."""
+    by_suffix: dict[str, list[str]] = {}
+    for entry in BACKENDS.in_registration_order():
+        for suffix in entry.obj.consumes:
+            by_suffix.setdefault(suffix, []).append(entry.name)
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for suffix, names in by_suffix.items():
+        groups.setdefault(tuple(names), []).append(suffix)
+    kinds = ", ".join(f"{'/'.join(sfx)} ({', '.join(names)})" for names, sfx in groups.items())
+    return kinds + "; a .pt/.pth file is TorchScript or a state_dict (give --arch)"
+
+
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict")  # where training scripts put the state_dict
 
 
@@ -78,29 +83,29 @@ def benchmark_file(
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"model file {path} does not exist", hint=f"accepted kinds: {ACCEPTED}")
-    kind = _KINDS.get(path.suffix.lower())
-    if kind is None:
+        raise ConfigError(f"model file {path} does not exist", hint=f"accepted kinds: {accepted_kinds()}")
+    runs = backends_for(path.suffix)
+    if not runs:
         raise ConfigError(
-            f"{path}: cannot benchmark a {path.suffix or 'suffix-less'} file", hint=f"accepted kinds: {ACCEPTED}"
+            f"{path}: cannot benchmark a {path.suffix or 'suffix-less'} file",
+            hint=f"accepted kinds: {accepted_kinds()}",
         )
-    chosen = list(backends) if backends else [_BACKENDS_BY_KIND[kind][0]]
+    chosen = list(backends) if backends else [runs[0]]
     for name in chosen:
         backend = BACKENDS.get(name)  # unknown names: ConfigError with did-you-mean
-        if name not in _BACKENDS_BY_KIND[kind]:
+        if name not in runs:
             raise ConfigError(
-                f"backend {name!r} cannot run {path.name}; a {path.suffix} file runs on: "
-                f"{', '.join(_BACKENDS_BY_KIND[kind])}"
+                f"backend {name!r} cannot run {path.name}; a {path.suffix} file runs on: {', '.join(runs)}"
             )
         backend.check_available()
 
     module: nn.Module | None = None
-    if kind == "onnx":
-        input_shape = _onnx_input_shape(path, input_shape)
-    elif kind == "engine" and input_shape is None:
-        raise ConfigError(f"{path.name}: give the input shape of a TensorRT engine", hint="--input-shape CxHxW")
-    elif kind == "torch":
+    if any(BACKENDS.get(name).needs == "module" for name in chosen):
         module, input_shape = _load_torch_model(path, arch, input_shape)
+    elif path.suffix.lower() == ".onnx":
+        input_shape = _onnx_input_shape(path, input_shape)
+    elif input_shape is None:
+        raise ConfigError(f"{path.name}: give the input shape of a {path.suffix} model", hint="--input-shape CxHxW")
     assert input_shape is not None
     targets = [BenchTarget(label=path.name, backend=name, path=path, module=module) for name in chosen]
     return run_benchmark(

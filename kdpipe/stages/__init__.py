@@ -1,5 +1,7 @@
-"""Stage types, one file each. Importing this package registers all of them in ``kdpipe.registry.STAGES``."""
+"""Stage types, one file each. Importing this package registers all of them in ``kdpipe.registry.STAGES``, then
+imports the installed plugins (entry points in the ``kdpipe.plugins`` group), which register theirs."""
 
+from kdpipe.plugins import load_plugins
 from kdpipe.stages import (  # noqa: F401  (registration side effects)
     benchmark,
     distill,
@@ -10,5 +12,7 @@ from kdpipe.stages import (  # noqa: F401  (registration side effects)
     verify,
 )
 from kdpipe.stages.base import Stage, StageContext, StageRecord, StageResult
+
+load_plugins()
 
 __all__ = ["Stage", "StageContext", "StageRecord", "StageResult"]

@@ -99,6 +99,12 @@ class StageContext:
                 return record
         return None
 
+    def find_all(self, provides: str) -> list[StageRecord]:
+        """Every upstream stage providing ``provides``, in file order (e.g. all exports for a benchmark)."""
+        from kdpipe.registry import STAGES
+
+        return [r for r in self.upstream if provides in STAGES.get(r.type).provides]
+
     def require(self, provides: str) -> StageRecord:
         record = self.find(provides)
         if record is None:  # the graph check makes this unreachable for declared requirements
@@ -113,6 +119,12 @@ class Stage:
     provides: ClassVar[frozenset[str]] = frozenset()
     data_parallel: ClassVar[bool] = False
     """Under torchrun, every rank runs this stage (training); other stages run on rank 0 alone."""
+
+    @classmethod
+    def config_model(cls) -> type[StageConfig]:
+        """The model that validates this stage's block. ``Config`` unless a field depends on a registry (the distill
+        stage's ``method``), in which case it is rebuilt from the registry's current entries."""
+        return cls.Config
 
     @classmethod
     def requires(cls, config: Any) -> tuple[str, ...]:

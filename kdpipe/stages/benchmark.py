@@ -25,10 +25,6 @@ from kdpipe.stages.common import load_stage_model
 
 log = logging.getLogger(__name__)
 
-# which backends run which kind of artifact
-_ONNX_BACKENDS = {"onnxruntime"}
-_ENGINE_BACKENDS = {"tensorrt"}
-
 
 class BenchmarkConfig(StageConfig):
     """Measure latency (p50/p90/p99, mean, std), throughput, size and peak memory."""
@@ -58,16 +54,17 @@ class BenchmarkConfig(StageConfig):
 
 
 def _targets(
-    cfg: BenchmarkConfig, upstream: list[StageRecord], student: StageRecord | None, load: Any
+    cfg: BenchmarkConfig, exports: list[StageRecord], student: StageRecord | None, load: Any
 ) -> list[BenchTarget]:
+    """What each backend measures, as the backend declares it (``Backend.needs``): a file-consuming backend every
+    upstream export whose artifact suffix it runs (``Backend.consumes``), a module backend the PyTorch student."""
     targets: list[BenchTarget] = []
-    exports = [r for r in upstream if r.type == "export"]
     for backend in cfg.backends:
-        if backend in _ONNX_BACKENDS | _ENGINE_BACKENDS:
-            wanted = ".plan" if backend in _ENGINE_BACKENDS else ".onnx"
+        cls = BACKENDS.get(backend)
+        if cls.needs == "path":
             for record in exports:
                 path = record.artifact("model")
-                if path.suffix == wanted:
+                if path.suffix in cls.consumes:
                     label = f"{record.result['info']['model_name']} {record.result['info']['format']}"
                     targets.append(BenchTarget(label=label, backend=backend, path=path))
         elif student is not None:
@@ -111,11 +108,12 @@ class BenchmarkStage(Stage):
             config.device == "auto"
             and (pipeline_device.startswith("cuda") or (pipeline_device == "auto" and cuda_available()))
         )
-        if "tensorrt" in config.backends and config.device == "cpu":
-            message = f"{field}: 'tensorrt' runs engines on the GPU, but stages.{name}.device is 'cpu'"
-            reqs.append(Requirement("CUDA", field, where, False, message, "set device: auto or cuda", fatal=False))
-        elif "tensorrt" in config.backends and not on_gpu:
-            reqs.append(needs_cuda(field=field, where=where, value="tensorrt", fatal=False))
+        for backend in (b for b in config.backends if BACKENDS.get(b).needs_cuda):
+            if config.device == "cpu":
+                message = f"{field}: {backend!r} runs on the GPU, but stages.{name}.device is 'cpu'"
+                reqs.append(Requirement("CUDA", field, where, False, message, "set device: auto or cuda", fatal=False))
+            elif not on_gpu:
+                reqs.append(needs_cuda(field=field, where=where, value=backend, fatal=False))
         onnxruntime_ok = any(r.what == "onnxruntime" and r.available for r in reqs)
         if on_gpu and onnxruntime_ok:
             reqs.append(cuda_provider_requirement(field, where))
@@ -129,7 +127,7 @@ class BenchmarkStage(Stage):
             "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and ctx.device.type == "cuda") else "cpu"
         )
         assert student is not None  # requires() guarantees a model upstream
-        targets = _targets(cfg, ctx.upstream, student, lambda: load_stage_model(student, splits, device))
+        targets = _targets(cfg, ctx.find_all("export"), student, lambda: load_stage_model(student, splits, device))
         if not targets:
             log.warning("benchmark %s: nothing to measure for backends %s", ctx.name, cfg.backends)
         cells = run_benchmark(

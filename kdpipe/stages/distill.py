@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, create_model, field_validator
 
 from kdpipe.config import LoadedConfig, StageConfig, TrainConfig
 from kdpipe.distill.evaluate import evaluate
 from kdpipe.distill.methods import create_method, method_params_union
-from kdpipe.distill.methods.base import MethodContext
+from kdpipe.distill.methods.base import MethodContext, MethodParams
 from kdpipe.distill.methods.kd import KDParams
 from kdpipe.distill.trainer import Precision
 from kdpipe.errors import ConfigError
@@ -35,13 +35,16 @@ from kdpipe.stages.validators import known_model
 log = logging.getLogger(__name__)
 
 
+_METHOD_DOC = "The KD method and its hyperparameters: {name: kd, temperature: 4.0, ...} (kdpipe list methods)."
+
+
 class DistillConfig(StageConfig):
     """Distil a student from the upstream teacher with a KD method."""
 
     type: Literal["distill"]
     student: str
     """Any timm model name, or a CIFAR-style net kdpipe registers (kdpipe list models)."""
-    method: method_params_union() = Field(default_factory=KDParams)  # type: ignore[valid-type]
+    method: MethodParams = Field(default_factory=KDParams)
     """The KD method and its hyperparameters: {name: kd, temperature: 4.0, ...} (kdpipe list methods)."""
     student_weights: ModelWeights | None = None
     """Start the student from pretrained weights ({pretrained: true} or {checkpoint: file or timm hub folder})
@@ -54,12 +57,34 @@ class DistillConfig(StageConfig):
     _student = field_validator("student")(known_model)
 
 
+_CONFIG_MODEL: tuple[int, type[DistillConfig]] | None = None
+
+
+def distill_config_model() -> type[DistillConfig]:
+    """DistillConfig with ``method`` as the discriminated union of the methods registered now (a plugin's method
+    registered after import included), rebuilt when ``METHODS`` changes."""
+    global _CONFIG_MODEL
+    if _CONFIG_MODEL is None or _CONFIG_MODEL[0] != METHODS.generation:
+        model = create_model(
+            "DistillConfig",
+            __base__=DistillConfig,
+            __doc__=DistillConfig.__doc__,
+            method=(method_params_union(), Field(default_factory=KDParams, description=_METHOD_DOC)),
+        )
+        _CONFIG_MODEL = (METHODS.generation, model)
+    return _CONFIG_MODEL[1]
+
+
 @STAGES.register("distill", summary="train a student with a KD method (kdpipe list methods)")
 class DistillStage(Stage):
     Config = DistillConfig
     provides = frozenset({"student", "model"})
     data_parallel = True
     config: DistillConfig
+
+    @classmethod
+    def config_model(cls) -> type[DistillConfig]:
+        return distill_config_model()
 
     @classmethod
     def requires(cls, config: Any) -> tuple[str, ...]:

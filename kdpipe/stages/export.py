@@ -10,63 +10,22 @@ after the report is written.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import BaseModel, Field, PositiveInt, ValidationError, ValidationInfo, field_validator, model_validator
 
 from kdpipe.config import LoadedConfig, StageConfig, StrictModel
 from kdpipe.data import normalize
-from kdpipe.errors import ConfigError, GateFailed
+from kdpipe.errors import ConfigError, GateFailed, StageError
+from kdpipe.exports.formats import ExportJob, get_format
 from kdpipe.fileio import atomic_write_json
-from kdpipe.registry import FORMATS, STAGES
+from kdpipe.registry import STAGES
 from kdpipe.requirements import Requirement, needs_cuda, needs_module
 from kdpipe.stages.base import Stage, StageResult
 from kdpipe.stages.common import load_stage_model
 
 log = logging.getLogger(__name__)
-
-ExportFormat = Literal["onnx", "onnx-fp16", "onnx-int8", "tensorrt"]
-
-
-@dataclass(frozen=True)
-class FormatInfo:
-    """What an export format needs and produces."""
-
-    requires: tuple[str, ...]
-    """Import names that must be installed."""
-    suffix: str
-    hint: str
-    """How to install what is missing."""
-
-
-def _register_format(name: str, summary: str, requires: tuple[str, ...], suffix: str, hint: str) -> None:
-    FORMATS.register(name, summary=summary)(FormatInfo(requires, suffix, hint))
-
-
-_ONNX_HINT = 'pip install "kdpipe[export]" (onnx, onnxruntime, onnxslim)'
-_register_format("onnx", "fp32 ONNX with a symbolic batch dimension", ("onnx", "onnxruntime"), ".onnx", _ONNX_HINT)
-_register_format("onnx-fp16", "fp16 ONNX, fp32 inputs/outputs kept", ("onnx", "onnxruntime"), ".onnx", _ONNX_HINT)
-_register_format(
-    "onnx-int8", "static QDQ int8 ONNX calibrated on training images", ("onnx", "onnxruntime"), ".onnx", _ONNX_HINT
-)
-_register_format(
-    "tensorrt",
-    "TensorRT engine built from the ONNX (fp16/int8 via QDQ on TensorRT 11)",
-    ("tensorrt", "onnx"),
-    ".plan",
-    "pip install tensorrt on a machine with an NVIDIA GPU and CUDA",
-)
-
-# Parity tolerances by format: fp32 must match to float rounding; reduced precision is held to agreement.
-DEFAULT_PARITY: dict[str, dict[str, float | None]] = {
-    "onnx": {"max_abs_diff": 1e-3, "min_agreement": 0.999, "max_top1_drop": 0.001},
-    "onnx-fp16": {"max_abs_diff": 0.1, "min_agreement": 0.99, "max_top1_drop": 0.005},
-    "onnx-int8": {"max_abs_diff": None, "min_agreement": 0.95, "max_top1_drop": 0.01},
-    "tensorrt": {"max_abs_diff": 0.1, "min_agreement": 0.99, "max_top1_drop": 0.005},
-}
 
 
 class ParityConfig(StrictModel):
@@ -91,12 +50,21 @@ class TensorRTConfig(StrictModel):
     max_batch: PositiveInt = 64
     workspace_gb: float = Field(4.0, gt=0)
 
+    @model_validator(mode="after")
+    def _profile(self) -> TensorRTConfig:
+        if self.max_batch < self.opt_batch:
+            raise ValueError("tensorrt.max_batch must be >= tensorrt.opt_batch")
+        if self.opt_batch < self.min_batch:
+            raise ValueError("tensorrt.opt_batch must be >= tensorrt.min_batch")
+        return self
+
 
 class ExportConfig(StageConfig):
     """Export the deployable student and check it against PyTorch on real images."""
 
     type: Literal["export"]
-    format: ExportFormat = "onnx"
+    format: str = "onnx"
+    """onnx | onnx-fp16 | onnx-int8 | tensorrt, or a plugin's format (kdpipe list formats)."""
     opset: int = 18
     """ONNX opset (kdpipe checks it against the installed exporter's range)."""
     dynamic_batch: bool = True
@@ -115,13 +83,38 @@ class ExportConfig(StageConfig):
     weights saturate onnxruntime's 16-bit intermediates), off for TensorRT int8. false: 8-bit weights, for CPUs
     known to have VNNI."""
     tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
+    options: dict[str, Any] = Field(default_factory=dict)
+    """The format's own settings (a plugin format's ``Params``); the built-in formats take none."""
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        try:
+            get_format(value)  # raises a ConfigError with did-you-mean
+        except ConfigError as exc:  # as a ValueError, pydantic reports it at its file:line and field
+            raise ValueError(exc.message) from None
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _format_options(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        name = info.data.get("format")
+        if name is None:  # the format itself was refused
+            return value
+        params = get_format(name).Params
+        try:
+            params.model_validate(value)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(options)'}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"format {name!r} options: {problems}") from None
+        return value
+
+    def format_options(self) -> BaseModel:
+        """``options`` parsed by the format's ``Params`` model."""
+        return get_format(self.format).Params.model_validate(self.options)
 
     @model_validator(mode="after")
     def _consistent(self) -> ExportConfig:
-        if self.format == "tensorrt" and self.tensorrt.max_batch < self.tensorrt.opt_batch:
-            raise ValueError("tensorrt.max_batch must be >= tensorrt.opt_batch")
-        if self.format == "tensorrt" and self.tensorrt.opt_batch < self.tensorrt.min_batch:
-            raise ValueError("tensorrt.opt_batch must be >= tensorrt.min_batch")
         if not self.dynamic_batch and self.max_batch_size != 1:
             raise ValueError("a static export serves batch 1 only: set max_batch_size: 1 or dynamic_batch: true")
         return self
@@ -129,7 +122,7 @@ class ExportConfig(StageConfig):
 
 def tolerances(cfg: ExportConfig) -> dict[str, float | None]:
     """The parity gates in force: the configured values, else the format's defaults."""
-    defaults = DEFAULT_PARITY[cfg.format]
+    defaults = get_format(cfg.format).parity
     return {k: getattr(cfg.parity, k) if getattr(cfg.parity, k) is not None else v for k, v in defaults.items()}
 
 
@@ -145,10 +138,10 @@ class ExportStage(Stage):
 
     @classmethod
     def requirements(cls, name: str, config: Any, loaded: LoadedConfig) -> list[Requirement]:
-        fmt: FormatInfo = FORMATS.get(config.format)
+        fmt = get_format(config.format)
         field, where = f"stages.{name}.format", loaded.where(("stages", name, "format"))
         reqs = [needs_module(lib, field=field, where=where, value=config.format, hint=fmt.hint) for lib in fmt.requires]
-        if config.format == "tensorrt":  # TensorRT builds and runs engines on a GPU only
+        if fmt.needs_cuda:  # e.g. TensorRT builds and runs engines on a GPU only
             reqs.append(needs_cuda(field=field, where=where, value=config.format))
         return reqs
 
@@ -164,19 +157,10 @@ class ExportStage(Stage):
             ) from None
 
     def run(self) -> StageResult:
-        from kdpipe.exports import (
-            ParityTolerance,
-            Preprocessing,
-            convert_fp16,
-            create_onnx_session,
-            export_onnx,
-            measure_parity,
-            parity_gates,
-            quantize_int8,
-            run_onnx,
-        )
+        from kdpipe.exports import ParityTolerance, Preprocessing, export_onnx, measure_parity, parity_gates
 
         ctx, cfg = self.ctx, self.config
+        fmt = get_format(cfg.format)
         splits = ctx.data()
         record = ctx.find("student") or ctx.require("model")
         model = load_stage_model(record, splits, torch.device("cpu"))
@@ -192,8 +176,8 @@ class ExportStage(Stage):
             interpolation=splits.interpolation,
         )
         meta = {"run": ctx.pipeline.name, "stage": ctx.name, "model": model_name}
-        fp32_path = ctx.dir / ("model.onnx" if cfg.format == "onnx" else "model.fp32.onnx")
-        info = export_onnx(
+        fp32_path = ctx.dir / "model.fp32.onnx"
+        onnx_info = export_onnx(
             model,
             fp32_path,
             preprocessing=pre,
@@ -202,60 +186,30 @@ class ExportStage(Stage):
             simplify=cfg.simplify,
             metadata=meta,
         )
-        artifact = fp32_path
-        if cfg.format == "onnx-fp16":
-            artifact = convert_fp16(fp32_path, ctx.dir / "model.onnx")
-        elif cfg.format == "onnx-int8" or (cfg.format == "tensorrt" and cfg.tensorrt.precision == "int8"):
-            first = torch.arange(min(cfg.calibration_samples, len(splits.train)))
-            calibration = normalize(splits.train.load(first), splits.mean, splits.std)
-            for_trt = cfg.format == "tensorrt"
-            out = ctx.dir / ("model.int8.onnx" if for_trt else "model.onnx")
-            # onnxruntime's CPU kernels fuse uint8 activations; TensorRT only accepts signed symmetric int8 Q/DQ
-            act = "int8" if for_trt else "uint8"
-            artifact = quantize_int8(
-                fp32_path,
-                out,
-                calibration,
-                per_channel=cfg.per_channel,
-                activation_type=act,
-                reduce_range=cfg.reduce_range,
-            )
-        elif cfg.format == "tensorrt" and cfg.tensorrt.precision == "fp16":
-            artifact = convert_fp16(fp32_path, ctx.dir / "model.fp16.onnx")
+
+        def calibration(n: int) -> torch.Tensor:
+            first = torch.arange(min(n, len(splits.train)))
+            return normalize(splits.train.load(first), splits.mean, splits.std)
+
+        job = ExportJob(
+            model=model,
+            fp32_path=fp32_path,
+            onnx=onnx_info,
+            out_dir=ctx.dir,
+            input_shape=(splits.in_chans, splits.image_size, splits.image_size),
+            settings=cfg,
+            options=cfg.format_options(),
+            calibration=calibration,
+        )
+        artifact = fmt.export(job)
+        if artifact.suffix != fmt.suffix or not artifact.is_file():
+            raise StageError(f"export format {fmt.name!r} did not write a {fmt.suffix} file (got {artifact})")
 
         # Parity on real test images (never dummies): the exported artifact against the PyTorch student.
         n = min(cfg.parity.samples or len(splits.test), len(splits.test))
         images = normalize(splits.test.load(torch.arange(n)), splits.mean, splits.std)
         labels = splits.test.labels[:n]
-        if cfg.format == "tensorrt":
-            from kdpipe.exports.tensorrt import build_engine, load_engine
-
-            trt = cfg.tensorrt
-            stamp = build_engine(
-                artifact,
-                ctx.dir / "model.plan",
-                precision=trt.precision,
-                min_batch=trt.min_batch,
-                opt_batch=trt.opt_batch,
-                max_batch=trt.max_batch,
-                workspace_gb=trt.workspace_gb,
-            )
-            runner = load_engine(ctx.dir / "model.plan")
-            artifact = ctx.dir / "model.plan"
-            extra: dict[str, Any] = {"engine": vars(stamp)}
-
-            def run_exported(x: np.ndarray) -> np.ndarray:
-                return runner(x)
-
-            batch = trt.max_batch
-        else:
-            session = create_onnx_session(artifact)
-            extra = {}
-
-            def run_exported(x: np.ndarray) -> np.ndarray:
-                return run_onnx(session, x, batch_size=cfg.max_batch_size if cfg.dynamic_batch else 1)
-
-            batch = 256
+        run_exported, batch = fmt.open_runner(artifact, job)
         report = measure_parity(model, run_exported, images, labels, batch_size=batch)
         gates = tolerances(cfg)
         outcomes = parity_gates(report, ParityTolerance(**gates), label=f"{ctx.name} ({cfg.format})")
@@ -272,7 +226,7 @@ class ExportStage(Stage):
             ctx.event("gate_failed", parity=parity)
             raise GateFailed("; ".join(failures), hint=f"the parity report is in {ctx.dir / 'parity.json'}")
         artifacts = {"model": artifact.name, "parity": "parity.json"}
-        if artifact != fp32_path:
+        if artifact != fp32_path and fp32_path.is_file():
             artifacts["fp32"] = fp32_path.name
         size = artifact.stat().st_size
         metrics = {
@@ -294,15 +248,15 @@ class ExportStage(Stage):
                 "model_name": model_name,
                 "format": cfg.format,
                 "source_stage": record.name,
-                "input_name": info.input_name,
-                "output_name": info.output_name,
+                "input_name": onnx_info.input_name,
+                "output_name": onnx_info.output_name,
                 "input_shape": [splits.in_chans, splits.image_size, splits.image_size],
                 "num_classes": splits.num_classes,
                 "dynamic_batch": cfg.dynamic_batch,
                 "max_batch_size": cfg.max_batch_size if cfg.dynamic_batch else 1,
                 "opset": cfg.opset,
-                "simplified": info.simplified,
+                "simplified": onnx_info.simplified,
                 "parity": parity,
-                **extra,
+                **job.info,
             },
         )

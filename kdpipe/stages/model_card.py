@@ -98,7 +98,7 @@ def _weights_section(records: list[tuple[str, Any]]) -> str:
 def _sections(ctx: StageContext) -> dict[str, str]:
     """Parity, latency and serving sections from the export, benchmark and serve stages upstream."""
     sections: dict[str, str] = {}
-    exports = [r for r in ctx.upstream if r.type == "export"]
+    exports = ctx.find_all("export")
     if exports:
         header = ["export", "file", "size", "top-1", "torch top-1", "agreement", "max abs logit diff", "gates"]
         rows = []
@@ -122,7 +122,7 @@ def _sections(ctx: StageContext) -> dict[str, str]:
             f"Each export is checked against the PyTorch student on {samples} test images.\n\n"
             + table(header, rows, right=range(2, 7))
         )
-    bench = next((r for r in reversed(ctx.upstream) if r.type == "benchmark"), None)
+    bench = ctx.find("benchmark")
     if bench is not None:
         bench_cells = [BenchCell.from_dict(c) for c in bench.result["info"]["cells"]]
         env = ctx.environment
@@ -131,7 +131,7 @@ def _sections(ctx: StageContext) -> dict[str, str]:
         if copy_plot(bench, ctx.dir / PLOT):
             text += f"\n\n![latency vs batch size]({PLOT})"
         sections["Latency"] = text
-    serve = next((r for r in reversed(ctx.upstream) if r.type == "serve"), None)
+    serve = ctx.find("serve")
     if serve is not None:
         info = serve.result["info"]
         sections["Serving"] = (
@@ -175,7 +175,7 @@ class ModelCardStage(Stage):
             base_model=cfg.base_model or (teacher.result["info"]["model_name"] if teacher else None),
             license=cfg.license,
         )
-        facts.extra_results = [_export_result(r) for r in ctx.upstream if r.type == "export"]
+        facts.extra_results = [_export_result(r) for r in ctx.find_all("export")]
         facts.extra_sections = _sections(ctx)
         weights = _weights_section([("teacher", teacher), ("student", student)])
         if weights:

@@ -12,6 +12,7 @@ from pydantic import Field, PositiveInt
 
 from kdpipe.config import StageConfig
 from kdpipe.errors import StageError
+from kdpipe.exports.formats import get_format
 from kdpipe.model_cards.triton import TritonModelSpec, spec_from_onnx, write_triton_repository
 from kdpipe.model_cards.triton_check import validate_repository
 from kdpipe.registry import STAGES
@@ -83,12 +84,18 @@ class ServeStage(Stage):
             "instance_kind": cfg.instance_kind,
             "instance_count": cfg.instance_count,
         }
-        if model_file.suffix == ".onnx":
+        platform = get_format(info["format"]).triton_platform
+        if platform is None:
+            raise StageError(
+                f"serve: export {record.name!r} is in format {info['format']!r}, which Triton cannot serve",
+                hint="serve an onnx, onnx-fp16, onnx-int8 or tensorrt export (kdpipe list formats)",
+            )
+        if platform == "onnxruntime_onnx":  # the graph itself says its names and dims
             spec = spec_from_onnx(model_file, name=name, max_batch_size=max_batch, **common)
         else:
             spec = TritonModelSpec(
                 name=name,
-                platform="tensorrt_plan",
+                platform=platform,
                 model_file=model_file,
                 input_name=info["input_name"],
                 input_dims=tuple(info["input_shape"]),

@@ -1,0 +1,220 @@
+"""Export formats: one object per format, registered in ``kdpipe.registry.FORMATS``.
+
+A format says everything the pipeline needs to know about it, so that validation, the export stage, its parity
+gate, the benchmark stage, stand-alone ``kdpipe bench``, the Triton ``serve`` stage and the model card all ask the
+registry instead of branching on format names:
+
+- ``name``, ``summary`` and ``suffix`` (the artifact's file suffix, ``.onnx``, ``.plan``);
+- ``requires`` (import names) with an install ``hint``, and ``needs_cuda``;
+- ``parity``: the default gates of its parity check against the PyTorch student;
+- ``Params``: a pydantic model of its own settings, given under ``options:`` in the export stage;
+- ``export(job)``: write the artifact from the job (the student, its fp32 ONNX, the stage's settings);
+- ``open_runner(path, job)``: a callable running the artifact on a numpy batch, for the parity check;
+- ``triton_platform``: the Triton platform that serves the artifact (``None``: the format cannot be served).
+
+Adding a format is one subclass in one file, registered with ``FORMATS.register(name)(MyFormat())``; see
+CONTRIBUTING.md. Heavy libraries (onnxruntime, tensorrt) are imported inside the methods that use them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from kdpipe.exports.onnx import OnnxExport
+from kdpipe.registry import FORMATS
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[np.ndarray], np.ndarray]
+"""Runs the exported model on a float32 ``(N, C, H, W)`` batch and returns ``(N, num_classes)`` logits."""
+
+ONNX_HINT = 'pip install "kdpipe[export]" (onnx, onnxruntime, onnxslim)'
+TRITON_PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")
+
+
+class NoParams(BaseModel):
+    """A format without settings of its own: ``options:`` must be empty."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class ExportJob:
+    """What a format's ``export`` gets: the student, its fp32 ONNX (always written first: the interchange every
+    built-in format starts from), where to write, the export stage's settings and a source of calibration images."""
+
+    model: nn.Module
+    """The PyTorch student on the CPU, in eval mode."""
+    fp32_path: Path
+    onnx: OnnxExport
+    """What ``export_onnx`` wrote to ``fp32_path`` (input/output names, simplification)."""
+    out_dir: Path
+    input_shape: tuple[int, int, int]
+    """``(C, H, W)`` of one input image."""
+    settings: Any
+    """The export stage's validated config (``ExportConfig``)."""
+    options: BaseModel
+    """The format's own settings: ``settings.options`` validated against the format's ``Params``."""
+    calibration: Callable[[int], torch.Tensor]
+    """``calibration(n)``: the first ``n`` normalised training images (for int8 range calibration)."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Extra facts for the stage result (``info``), filled by the format (a TensorRT engine's stamp)."""
+
+
+class ExportFormat:
+    """Base class of an export format. Subclasses set the class attributes and implement ``export``; the default
+    ``open_runner`` runs an ONNX artifact on onnxruntime's CPU provider."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    suffix: ClassVar[str] = ".onnx"
+    requires: ClassVar[tuple[str, ...]] = ("onnx", "onnxruntime")
+    hint: ClassVar[str] = ONNX_HINT
+    needs_cuda: ClassVar[bool] = False
+    parity: ClassVar[dict[str, float | None]] = {
+        "max_abs_diff": 1e-3,
+        "min_agreement": 0.999,
+        "max_top1_drop": 0.001,
+    }
+    """Default gates: max |logit diff| (None: not gated), top-1 agreement with PyTorch, top-1 drop."""
+    Params: ClassVar[type[BaseModel]] = NoParams
+    triton_platform: ClassVar[str | None] = "onnxruntime_onnx"
+
+    def export(self, job: ExportJob) -> Path:
+        """Write the artifact (suffix ``self.suffix``) into ``job.out_dir`` and return its path."""
+        raise NotImplementedError
+
+    def open_runner(self, path: Path, job: ExportJob) -> tuple[Runner, int]:
+        """A runner for the artifact at ``path`` and the batch size the parity check feeds it."""
+        from kdpipe.exports.runtime import create_onnx_session, run_onnx
+
+        session = create_onnx_session(path)
+        batch = job.settings.max_batch_size if job.settings.dynamic_batch else 1
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return run_onnx(session, x, batch_size=batch)
+
+        return run, 256
+
+    def artifact_name(self, job: ExportJob) -> str:
+        return "model" + self.suffix
+
+
+def register_format(fmt: ExportFormat) -> ExportFormat:
+    """Register ``fmt`` under its ``name`` (checked for what the pipeline relies on)."""
+    if not fmt.name or not fmt.suffix.startswith("."):
+        raise ValueError(f"{type(fmt).__name__}: set name and a suffix starting with '.'")
+    if fmt.triton_platform is not None and fmt.triton_platform not in TRITON_PLATFORMS:
+        raise ValueError(f"{fmt.name}: triton_platform must be one of {TRITON_PLATFORMS} or None")
+    missing = {"max_abs_diff", "min_agreement", "max_top1_drop"} - set(fmt.parity)
+    if missing:
+        raise ValueError(f"{fmt.name}: parity lacks {sorted(missing)}")
+    FORMATS.register(fmt.name, summary=fmt.summary)(fmt)
+    return fmt
+
+
+def get_format(name: str) -> ExportFormat:
+    """The registered format ``name`` (a ConfigError with did-you-mean for an unknown one)."""
+    fmt: ExportFormat = FORMATS.get(name)
+    return fmt
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The built-in formats
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class OnnxFormat(ExportFormat):
+    name = "onnx"
+    summary = "fp32 ONNX with a symbolic batch dimension"
+
+    def export(self, job: ExportJob) -> Path:
+        out = job.out_dir / self.artifact_name(job)
+        return job.fp32_path.replace(out)  # the fp32 graph is the artifact
+
+
+class OnnxFp16Format(ExportFormat):
+    name = "onnx-fp16"
+    summary = "fp16 ONNX, fp32 inputs/outputs kept"
+    parity: ClassVar[dict[str, float | None]] = {"max_abs_diff": 0.1, "min_agreement": 0.99, "max_top1_drop": 0.005}
+
+    def export(self, job: ExportJob) -> Path:
+        from kdpipe.exports.quantize import convert_fp16
+
+        return convert_fp16(job.fp32_path, job.out_dir / self.artifact_name(job))
+
+
+def _int8(job: ExportJob, out: Path, *, for_tensorrt: bool) -> Path:
+    from kdpipe.exports.quantize import quantize_int8
+
+    cfg = job.settings
+    # onnxruntime's CPU kernels fuse uint8 activations; TensorRT only accepts signed symmetric int8 Q/DQ
+    return quantize_int8(
+        job.fp32_path,
+        out,
+        job.calibration(cfg.calibration_samples),
+        per_channel=cfg.per_channel,
+        activation_type="int8" if for_tensorrt else "uint8",
+        reduce_range=cfg.reduce_range,
+    )
+
+
+class OnnxInt8Format(ExportFormat):
+    name = "onnx-int8"
+    summary = "static QDQ int8 ONNX calibrated on training images"
+    parity: ClassVar[dict[str, float | None]] = {"max_abs_diff": None, "min_agreement": 0.95, "max_top1_drop": 0.01}
+
+    def export(self, job: ExportJob) -> Path:
+        return _int8(job, job.out_dir / self.artifact_name(job), for_tensorrt=False)
+
+
+class TensorRTFormat(ExportFormat):
+    name = "tensorrt"
+    summary = "TensorRT engine built from the ONNX (fp16/int8 via QDQ on TensorRT 11)"
+    suffix = ".plan"
+    requires = ("tensorrt", "onnx")
+    hint = "pip install tensorrt on a machine with an NVIDIA GPU and CUDA"
+    needs_cuda = True
+    parity: ClassVar[dict[str, float | None]] = {"max_abs_diff": 0.1, "min_agreement": 0.99, "max_top1_drop": 0.005}
+    triton_platform = "tensorrt_plan"
+
+    def export(self, job: ExportJob) -> Path:
+        from kdpipe.exports.quantize import convert_fp16
+        from kdpipe.exports.tensorrt import build_engine
+
+        trt = job.settings.tensorrt
+        source = job.fp32_path
+        if trt.precision == "int8":
+            source = _int8(job, job.out_dir / "model.int8.onnx", for_tensorrt=True)
+        elif trt.precision == "fp16":
+            source = convert_fp16(job.fp32_path, job.out_dir / "model.fp16.onnx")
+        out = job.out_dir / self.artifact_name(job)
+        stamp = build_engine(
+            source,
+            out,
+            precision=trt.precision,
+            min_batch=trt.min_batch,
+            opt_batch=trt.opt_batch,
+            max_batch=trt.max_batch,
+            workspace_gb=trt.workspace_gb,
+        )
+        job.info["engine"] = vars(stamp)
+        return out
+
+    def open_runner(self, path: Path, job: ExportJob) -> tuple[Runner, int]:
+        from kdpipe.exports.tensorrt import load_engine
+
+        return load_engine(path), job.settings.tensorrt.max_batch
+
+
+for _fmt in (OnnxFormat(), OnnxFp16Format(), OnnxInt8Format(), TensorRTFormat()):
+    register_format(_fmt)

@@ -208,7 +208,8 @@ def _run_main(
     overrides: tuple[str, ...],
     state: dict[str, Any],
 ) -> None:
-    from kdpipe.pipeline.runner import Runner, StageOutcome
+    from kdpipe.pipeline.outcome import StageOutcome
+    from kdpipe.pipeline.runner import Runner
 
     resume = ["kdpipe", "run", str(config), *(["--out", str(out)] if out else []), *(f"--set={s}" for s in overrides)]
 

@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 import kdpipe.stages  # noqa: F401
 from kdpipe.config import load_config
-from kdpipe.pipeline.runner import Runner, RunSummary, preflight
+from kdpipe.pipeline.outcome import RunSummary
+from kdpipe.pipeline.runner import Runner, preflight
 from tests.conftest import REPO
 
 DIGITS = REPO / "examples" / "digits.yaml"

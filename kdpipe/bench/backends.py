@@ -17,18 +17,16 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from kdpipe.bench.target import BenchTarget
 from kdpipe.errors import ConfigError
 from kdpipe.exports.runtime import create_onnx_session
 from kdpipe.registry import BACKENDS
-
-if TYPE_CHECKING:
-    from kdpipe.bench.measure import BenchTarget
 
 logger = logging.getLogger(__name__)
 

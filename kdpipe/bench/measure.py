@@ -19,15 +19,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from kdpipe.bench.backends import Backend
 from kdpipe.bench.memory import PeakMemory
+from kdpipe.bench.target import BenchTarget
 from kdpipe.errors import ConfigError, KdpipeError
 from kdpipe.progress import NullProgress, Progress
 from kdpipe.registry import BACKENDS
@@ -35,20 +34,6 @@ from kdpipe.registry import BACKENDS
 logger = logging.getLogger(__name__)
 
 _MAX_ERROR_CHARS = 300  # an error row is one table cell; the full traceback goes to the debug log
-
-
-@dataclass
-class BenchTarget:
-    """One model artifact to benchmark with one backend.
-
-    ``label`` names the model in tables and plots; ``path`` is the artifact file (``.onnx``, ``.plan``, a
-    TorchScript ``.pt``), also used for the model size; ``module`` is the ``nn.Module`` the torch backends run.
-    """
-
-    label: str
-    backend: str
-    path: Path | None
-    module: nn.Module | None = None
 
 
 @dataclass

@@ -24,7 +24,8 @@ import click
 import torch
 from torch import nn
 
-from kdpipe.bench.measure import BenchCell, BenchTarget, resolve_device, run_benchmark
+from kdpipe.bench.measure import BenchCell, resolve_device, run_benchmark
+from kdpipe.bench.target import BenchTarget
 from kdpipe.errors import ConfigError, DataError, handle_errors
 from kdpipe.progress import Progress
 from kdpipe.registry import BACKENDS

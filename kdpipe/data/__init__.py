@@ -10,7 +10,8 @@ from kdpipe.data.augment import AUGMENTS, augment_batch
 from kdpipe.data.cache import resolve_cache_dir
 from kdpipe.data.loader import BatchLoader, normalize
 from kdpipe.data.sources import SourceData, list_kinds, load_source
-from kdpipe.data.splits import Splits, TensorSplit, channel_stats, create_splits, derive_seed, resolve_root
+from kdpipe.data.splits import Splits, channel_stats, create_splits, resolve_root
+from kdpipe.data.tensor_split import TensorSplit, derive_seed
 
 __all__ = [
     "AUGMENTS",

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from kdpipe.data.augment import augment_batch, check_augment
-from kdpipe.data.splits import TensorSplit, derive_seed
+from kdpipe.data.tensor_split import TensorSplit, derive_seed
 from kdpipe.errors import DataError
 
 Batch = tuple[torch.Tensor, torch.Tensor]

@@ -42,7 +42,7 @@ from kdpipe.data.archive import TAR_SUFFIXES, ImageEntry, TarSource, open_image_
 from kdpipe.data.augment import augment_batch
 from kdpipe.data.imagefolder import Fit, decode_image, list_imagefolder
 from kdpipe.data.loader import Batch, BatchLoader, normalize
-from kdpipe.data.splits import TensorSplit, derive_seed
+from kdpipe.data.tensor_split import TensorSplit, derive_seed
 from kdpipe.errors import DataError
 
 COMPRESSED_SUFFIXES = tuple(s for s in TAR_SUFFIXES if s != ".tar")

@@ -14,7 +14,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from kdpipe.pipeline.environment import git_sha as git_sha  # re-exported: it us
 from kdpipe.pipeline.fingerprint import fingerprint
 from kdpipe.pipeline.graph import Node, downstream_of
 from kdpipe.pipeline.normalization import resolve_preprocessing
+from kdpipe.pipeline.outcome import RunSummary, StageOutcome
 from kdpipe.pipeline.rundir import RunDir, hash_outputs, outputs_intact
 from kdpipe.progress import NullProgress, Progress
 from kdpipe.registry import suggest
@@ -44,24 +44,6 @@ from kdpipe.tracking import Tracker
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
-
-
-@dataclass
-class StageOutcome:
-    name: str
-    type: str
-    status: str  # "ran" | "skipped" | "failed"
-    seconds: float = 0.0
-    summary: str = ""
-    metrics: dict[str, Any] = field(default_factory=dict)
-    error: str = ""
-
-
-@dataclass
-class RunSummary:
-    run_dir: Path
-    stages: list[StageOutcome]
-    seconds: float
 
 
 def default_run_dir(loaded: LoadedConfig) -> Path:

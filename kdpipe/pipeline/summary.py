@@ -29,7 +29,7 @@ from kdpipe.errors import KdpipeError
 
 if TYPE_CHECKING:
     from kdpipe.pipeline.graph import Node
-    from kdpipe.pipeline.runner import StageOutcome
+    from kdpipe.pipeline.outcome import StageOutcome
     from kdpipe.stages.base import StageRecord
 
 SCHEMA = 1

@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 import kdpipe.stages  # noqa: F401
 from kdpipe.config import load_config
 from kdpipe.errors import ConfigError, GateFailed, Interrupted, RunLocked, StageError
+from kdpipe.pipeline.outcome import RunSummary
 from kdpipe.pipeline.rundir import RunDir
-from kdpipe.pipeline.runner import Runner, RunSummary
+from kdpipe.pipeline.runner import Runner
 from kdpipe.stages.verify import VerifyStage
 from tests.conftest import TINY
 

@@ -19,7 +19,8 @@ from tritonclient.grpc import model_config_pb2
 import kdpipe.stages  # noqa: F401
 from kdpipe.config import load_config
 from kdpipe.errors import ConfigError, GateFailed
-from kdpipe.pipeline.runner import Runner, RunSummary, preflight
+from kdpipe.pipeline.outcome import RunSummary
+from kdpipe.pipeline.runner import Runner, preflight
 
 DEPLOY = """
 version: 1

@@ -365,6 +365,40 @@ def export_onnx(
     return result
 
 
+_FP32_ERROR_FACTOR = 4.0
+"""onnxruntime's float32 error may be this many times torch's own (both measured against a float64 forward)."""
+
+
+def _within_float32_error(
+    net: nn.Module, x: torch.Tensor, got: np.ndarray, expected: np.ndarray, diff: float, allowed: float
+) -> bool:
+    """Whether a disagreement beyond the tolerance is float32 rounding of an ill-conditioned network rather than a
+    wrong graph: a nearly untrained net in eval mode (BatchNorm statistics far from the activations') can amplify
+    rounding until torch's own float32 logits are 0.1 away from the exact ones, and onnxruntime's kernels, which
+    round in another order, land as far away on the other side. Both are measured against a float64 forward of a
+    copy of the network; the export is accepted when onnxruntime is no more than ``_FP32_ERROR_FACTOR`` times as far
+    from it as torch, which a wrong graph (a dropped op, a swapped axis) never is."""
+    try:
+        with torch.inference_mode():
+            exact = copy.deepcopy(net).double()(x.double()).numpy()
+    except Exception as exc:  # a module that cannot run in float64: no second opinion
+        log.debug("float64 reference failed: %s", exc)
+        return False
+    torch_err = float(np.max(np.abs(expected - exact)))
+    ort_err = float(np.max(np.abs(got - exact)))
+    if ort_err <= max(allowed, _FP32_ERROR_FACTOR * torch_err):
+        log.warning(
+            "onnxruntime and torch differ by %.3g (> %.3g), but the network is ill-conditioned in float32: torch's "
+            "own logits are %.3g from a float64 forward and onnxruntime's %.3g; accepted as rounding",
+            diff,
+            allowed,
+            torch_err,
+            ort_err,
+        )
+        return True
+    return False
+
+
 def _check_batches(
     net: nn.Module, serialized: bytes, preprocessing: Preprocessing, dynamic: bool, check_batch: int
 ) -> tuple[int, ...]:
@@ -384,7 +418,7 @@ def _check_batches(
                 hint="the model probably fixes the batch size (x.view(N, -1), int(x.shape[0])); use x.flatten(1)",
             ) from exc
         ok, diff, allowed = _close(got, expected)
-        if not ok:
+        if not ok and not _within_float32_error(net, x, got, expected, diff, allowed):
             raise ExportError(
                 f"onnxruntime and torch disagree at batch {batch}: max |logit diff| {diff:.3g} > {allowed:.3g}",
                 hint="export with simplify=False to rule out onnxslim, or try another opset",

@@ -233,3 +233,37 @@ def test_missing_model_file_is_an_export_error(tmp_path: Path) -> None:
         create_onnx_session(tmp_path / "absent.onnx")
     with pytest.raises(ConfigError, match="not available"):
         create_onnx_session(tmp_path / "absent.onnx", providers=["NoSuchExecutionProvider"])
+
+
+def _ill_conditioned_net() -> nn.Module:
+    """Convs whose BatchNorm statistics are far from their activations' (as right after the first training step):
+    each layer multiplies the scale, so float32 rounding grows until the logits are visibly off the exact ones."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(6):
+        bn = nn.BatchNorm2d(8)
+        bn.running_var.fill_(1e-3)
+        layers += [nn.Conv2d(8, 8, 3, padding=1, bias=False), bn, nn.ReLU()]
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *layers, nn.Flatten(), nn.Linear(8 * 8 * 8, 4)).eval()
+
+
+def test_rounding_of_an_ill_conditioned_net_is_told_apart_from_a_wrong_graph(caplog: pytest.LogCaptureFixture) -> None:
+    net = _ill_conditioned_net()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = net(x).numpy()
+        exact = net.double()(x.double()).numpy()
+    net.float()
+    torch_err = float(np.abs(expected - exact).max())
+    assert torch_err > 0  # float32 rounding is visible
+    # an onnxruntime result as far from the exact logits as torch's own, on the other side: rounding
+    mirrored = (exact - (expected - exact)).astype(np.float32)
+    diff = float(np.abs(mirrored - expected).max())
+    with caplog.at_level(logging.WARNING):
+        assert export_module._within_float32_error(net, x, mirrored, expected, diff, 0.0)
+    assert "ill-conditioned" in caplog.text
+    # a wrong graph (one logit off by a little more than the allowed factor of torch's error): refused
+    wrong = expected.copy()
+    wrong[0, 1] += (export_module._FP32_ERROR_FACTOR + 1) * torch_err + 1e-6
+    assert not export_module._within_float32_error(net, x, wrong, expected, float(np.abs(wrong - expected).max()), 0.0)
+    assert next(net.parameters()).dtype == torch.float32  # the check ran on a copy

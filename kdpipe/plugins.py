@@ -15,8 +15,11 @@ broken add-on cannot take the built-in pipeline down with it.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import logging
+import pkgutil
+from collections.abc import Iterable
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,15 @@ _LOADED: dict[str, str] = {}
 """Entry-point name -> module, of the plugins imported so far."""
 FAILED: dict[str, str] = {}
 """Entry-point name -> the error that stopped it (shown by ``kdpipe doctor``)."""
+
+
+def import_all(package: str, path: Iterable[str]) -> list[str]:
+    """Import every public module of ``package`` (its ``__path__``), in name order, so that a new method or stage
+    file registers itself without being listed anywhere; returns their names. ``_private`` modules are skipped."""
+    names = sorted(m.name for m in pkgutil.iter_modules(list(path)) if not m.name.startswith("_"))
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names
 
 
 def load_plugins() -> dict[str, str]:

@@ -298,3 +298,31 @@ def test_an_installed_entry_point_plugin_is_imported(tmp_path: Path, monkeypatch
         plugins._LOADED.pop("demo", None)
         plugins.FAILED.pop("broken", None)
         sys.modules.pop("kdpipe_demo_plugin", None)
+
+
+def test_contributing_recipes_name_what_exists() -> None:
+    """CONTRIBUTING.md's recipes stay true: every file and test they name exists, every test function they cite is
+    in this module (so each recipe is exercised), and the base classes and hooks they tell you to use are real."""
+    import re
+
+    from kdpipe.bench.backends import Backend as BackendBase
+    from kdpipe.stages.base import StageContext
+
+    text = (Path(__file__).resolve().parents[1] / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    root = Path(__file__).resolve().parents[1]
+    paths = set(re.findall(r"`((?:kdpipe|tests)/[\w/]+\.py)`", text))
+    assert len(paths) >= 10
+    assert all((root / p).is_file() for p in paths), [p for p in paths if not (root / p).is_file()]
+    cited = set(re.findall(r"`(test_\w+)`", text))
+    here = {name for name in globals() if name.startswith("test_")}
+    assert cited and cited <= here | {"test_every_offline_method_is_pinned"}, cited - here
+    for cls, attrs in (
+        (ExportFormat, ("name", "suffix", "requires", "hint", "needs_cuda", "parity", "Params", "triton_platform",
+                        "export", "open_runner")),
+        (BackendBase, ("needs", "consumes", "needs_cuda", "timed", "load", "cell", "version", "check_available")),
+        (Stage, ("Config", "provides", "requires", "requirements", "run")),
+        (StageContext, ("find", "find_all", "dir")),
+    ):  # fmt: skip
+        declared = {*getattr(cls, "__dataclass_fields__", {}), *getattr(cls, "__annotations__", {})}
+        missing = [a for a in attrs if not hasattr(cls, a) and a not in declared]
+        assert not missing, (cls.__name__, missing)

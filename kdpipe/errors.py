@@ -5,9 +5,11 @@ A message must say what is wrong, where (file:line, field, or path) and what to 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -39,10 +41,40 @@ class DataError(KdpipeError):
     exit_code = 3
 
 
+@dataclass(frozen=True)
+class Gate:
+    """One checked bound, the one type for the verify stage's accuracy gates and an export's parity gates: stored
+    in the stage's result (``info.gates``), carried by ``GateFailed`` and listed alike in the run summary."""
+
+    name: str
+    """The config key of the bound: min_top1, max_drop_vs_teacher, max_abs_diff, min_agreement, ..."""
+    threshold: float | None
+    value: float | None
+    passed: bool
+    message: str
+    """The measured value against the bound, and by how much it passed or failed."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Gate:
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
 class GateFailed(KdpipeError):
-    """A verify or parity gate was not met (exit 4). The stage's report is written before this is raised."""
+    """A verify or parity gate was not met (exit 4). The stage's report is written before this is raised; ``gates``
+    are every gate the stage checked (the failed ones have ``passed`` False)."""
 
     exit_code = 4
+
+    def __init__(self, message: str, *, hint: str | None = None, gates: Sequence[Gate] = ()) -> None:
+        super().__init__(message, hint=hint)
+        self.gates = tuple(gates)
+
+    @property
+    def failed(self) -> list[Gate]:
+        return [g for g in self.gates if not g.passed]
 
 
 class StageError(KdpipeError):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdpipe.errors import ConfigError, DataError, ExportError, GateFailed
+from kdpipe.errors import ConfigError, DataError, ExportError, Gate, GateFailed
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +168,12 @@ def measure_parity(
 _EPS = 1e-9
 
 
-def parity_gates(report: ParityReport, tol: ParityTolerance, *, label: str) -> list[dict[str, Any]]:
-    """One outcome per bound of ``tol`` that is set: ``{name, threshold, value, passed, message}`` (the shape of the
-    verify stage's gates, so a run summary can list both alike)."""
-    gates: list[dict[str, Any]] = []
+def parity_gates(report: ParityReport, tol: ParityTolerance, *, label: str) -> list[Gate]:
+    """One ``Gate`` per bound of ``tol`` that is set (the verify stage's type, so a run summary lists both alike)."""
+    gates: list[Gate] = []
 
     def gate(name: str, threshold: float, value: float, passed: bool, message: str) -> None:
-        gates.append({"name": name, "threshold": threshold, "value": value, "passed": passed, "message": message})
+        gates.append(Gate(name=name, threshold=threshold, value=value, passed=passed, message=message))
 
     if tol.max_abs_diff is not None:
         ok = report.max_abs_diff <= tol.max_abs_diff + _EPS * tol.max_abs_diff
@@ -214,15 +213,17 @@ def parity_gates(report: ParityReport, tol: ParityTolerance, *, label: str) -> l
 
 def check_parity(report: ParityReport, tol: ParityTolerance, *, label: str) -> list[str]:
     """One message per bound of ``tol`` that ``report`` fails, with both numbers; empty when all pass."""
-    return [g["message"] for g in parity_gates(report, tol, label=label) if not g["passed"]]
+    return [g.message for g in parity_gates(report, tol, label=label) if not g.passed]
 
 
 def enforce_parity(report: ParityReport, tol: ParityTolerance, *, label: str) -> None:
     """Raise ``GateFailed`` (exit 4) listing every failed bound; return quietly when all pass."""
-    failures = check_parity(report, tol, label=label)
+    gates = parity_gates(report, tol, label=label)
+    failures = [g.message for g in gates if not g.passed]
     if failures:
         raise GateFailed(
             "parity gate failed: " + "; ".join(failures),
+            gates=gates,
             hint="inspect the export (opset, simplification, quantization settings) or loosen the tolerance "
             "in stages.yaml if the difference is expected for this format",
         )

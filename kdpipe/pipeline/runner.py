@@ -86,7 +86,8 @@ class Runner:
         self._data_files: str | None = None  # data_identity, taken once by plan() and reused by the loader
         self._fingerprints: dict[str, str] = {}
         self._records: dict[str, StageRecord] = {}
-        self._gate_events: dict[str, dict[str, Any]] = {}
+        self._failed_gates: dict[str, list[dict[str, Any]]] = {}
+        """Per stage whose gate failed in this run, every gate it checked (``Gate.to_dict``)."""
         self.summary_document: dict[str, Any] | None = None
         """The last run's summary (what summary.json holds), once a run got as far as writing one."""
         self.nodes = preflight(loaded)
@@ -157,7 +158,7 @@ class Runner:
             return self._run_worker()
         t_start, started_at = time.perf_counter(), time.time()
         outcomes: list[StageOutcome] = []
-        self._records, self._gate_events, self.summary_document = {}, {}, None
+        self._records, self._failed_gates, self.summary_document = {}, {}, None
         with self.run_dir as rd:
             lock = rd.read_lock()
             actions = self.plan(lock)
@@ -209,13 +210,7 @@ class Runner:
             self._report(outcome, outcomes)
 
     def _start_tracking(self, rd: RunDir) -> Tracker | None:
-        """Event sinks: the gate_failed events the summary reports, and experiment tracking when configured."""
-
-        def keep_gate_event(record: dict[str, Any]) -> None:
-            if record.get("event") == "gate_failed" and isinstance(record.get("stage"), str):
-                self._gate_events[record["stage"]] = record
-
-        rd.sinks = [keep_gate_event]
+        """Experiment tracking, when configured."""
         tracker = Tracker.create(self.loaded, rd.root)
         if tracker is not None:
             resolved = self.loaded.config.model_dump(mode="json")
@@ -241,7 +236,7 @@ class Runner:
                 name=self.loaded.config.name,
                 config=self.loaded.path,
                 run_dir=rd.root,
-                stages=summary.stage_entries(rd.root, self.nodes, outcomes, self._records, self._gate_events, error),
+                stages=summary.stage_entries(rd.root, self.nodes, outcomes, self._records, self._failed_gates, error),
                 error=error,
                 started_at=started_at,
                 finished_at=time.time(),
@@ -252,7 +247,7 @@ class Runner:
             atomic_write_json(rd.root / summary.SUMMARY_FILE, doc)
             if tracker is not None:
                 training = {n.name for n in self.nodes if n.stage_cls.data_parallel}
-                tracker.log_artifacts(summary.stage_files(rd.root, self._records, self._gate_events), training,
+                tracker.log_artifacts(summary.stage_files(rd.root, self._records, self._failed_gates), training,
                                       [rd.root / f for f in summary.RUN_FILES])  # fmt: skip
                 tracker.finish(doc["status"], code)
                 if tracker.info() != doc["tracking"]:  # a backend failed at the end: say so in the summary
@@ -347,6 +342,9 @@ class Runner:
         try:
             result = node.stage_cls(ctx).run()
         except GateFailed as exc:
+            # The one place a failed gate becomes an event and a summary entry: from the gates the exception carries.
+            self._failed_gates[node.name] = [g.to_dict() for g in exc.gates]
+            _best_effort(rd.event, node.name, "gate_failed", gates=self._failed_gates[node.name])
             _best_effort(rd.event, node.name, "stage_fail", error=str(exc), exit_code=exc.exit_code)
             raise
         except KdpipeError as exc:

@@ -14,7 +14,7 @@ same keys, the error and no stage results. Layout (``SCHEMA`` 1)::
      "gates": {"checked": 5, "failed": 0, "failures": ["message", ...]},
      "tracking": {"mlflow": {...}, "tensorboard": {...}}}
 
-A gate is ``{"name", "threshold", "value", "passed", "message"}`` (verify gates and export parity gates alike).
+A gate is ``Gate.to_dict()``: ``{"name", "threshold", "value", "passed", "message"}`` (verify and parity alike).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import kdpipe
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import Gate, KdpipeError
 
 if TYPE_CHECKING:
     from kdpipe.pipeline.graph import Node
@@ -64,21 +64,9 @@ def error_of(error: BaseException | None, stage: str | None = None) -> dict[str,
     return {"message": message, "hint": None, "type": type(error).__name__, "stage": stage}
 
 
-def gates_of(payload: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The gates in a stage's result ``info`` or in its ``gate_failed`` event: verify's ``gates``, an export's
-    ``parity.gates`` (or, from a result written before parity recorded each gate, one entry for the whole check)."""
-    if not payload:
-        return []
-    if isinstance(payload.get("gates"), list):
-        return [dict(g) for g in payload["gates"]]
-    parity = payload.get("parity")
-    if isinstance(parity, dict):
-        if isinstance(parity.get("gates"), list):
-            return [dict(g) for g in parity["gates"]]
-        failures = list(parity.get("failures") or [])
-        return [{"name": "parity", "threshold": None, "value": None, "passed": bool(parity.get("passed")),
-                 "message": "; ".join(failures) or "parity passed"}]  # fmt: skip
-    return []
+def gates_of(info: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The gates a finished stage recorded in its result ``info`` (verify and export alike: ``Gate.to_dict``)."""
+    return [Gate.from_dict(g).to_dict() for g in (info or {}).get("gates", [])]
 
 
 def stage_entry(
@@ -90,16 +78,16 @@ def stage_entry(
     summary: str = "",
     result: dict[str, Any] | None = None,
     stage_dir: Path | None = None,
-    gate_event: dict[str, Any] | None = None,
+    failed_gates: list[dict[str, Any]] | None = None,
     error: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One stage of the summary. ``seconds`` it took in this run (0 when skipped); ``result`` is its result.json (ran
-    or skipped), ``gate_event`` the payload of the ``gate_failed`` event of a stage whose gate failed."""
+    or skipped), ``failed_gates`` the gates carried by the ``GateFailed`` of a stage whose gate failed."""
     result = result or {}
     artifacts: dict[str, str] = {}
     if stage_dir is not None:
         artifacts = {key: str((stage_dir / rel).absolute()) for key, rel in result.get("artifacts", {}).items()}
-    gates = gates_of(gate_event) if gate_event else gates_of(result.get("info"))
+    gates = list(failed_gates) if failed_gates is not None else gates_of(result.get("info"))
     return {
         "name": name,
         "type": type_,
@@ -118,7 +106,7 @@ def stage_entries(
     nodes: Sequence[Node],
     outcomes: Sequence[StageOutcome],
     records: Mapping[str, StageRecord],
-    gate_events: Mapping[str, dict[str, Any]],
+    failed_gates: Mapping[str, list[dict[str, Any]]],
     error: BaseException | None,
 ) -> list[dict[str, Any]]:
     """Every stage of the pipeline in file order: ran or skipped (with its result), failed (with its error and, for a
@@ -136,10 +124,10 @@ def stage_entries(
                 "failed",
                 seconds=o.seconds,
                 summary=o.error,
-                gate_event=gate_events.get(node.name),
+                failed_gates=failed_gates.get(node.name),
                 error=error_of(error, node.name),
             )
-            if node.name in gate_events:  # the gate's report (report.json, parity.json) is written before it fails
+            if node.name in failed_gates:  # the gate's report (report.json, parity.json) is written before it fails
                 reports = sorted((root / node.name).glob("*.json"))
                 entry["artifacts"] = {p.stem: str(p.absolute()) for p in reports if p.name != "result.json"}
             entries.append(entry)
@@ -161,7 +149,7 @@ def stage_entries(
 
 
 def stage_files(
-    root: Path, records: Mapping[str, StageRecord], gate_events: Mapping[str, dict[str, Any]]
+    root: Path, records: Mapping[str, StageRecord], failed_gates: Mapping[str, list[dict[str, Any]]]
 ) -> dict[str, list[Path]]:
     """Per stage, the files worth keeping elsewhere (experiment tracking): each finished stage's artifacts and
     result.json, and the JSON reports of a stage whose gate failed."""
@@ -169,7 +157,7 @@ def stage_files(
         name: [rec.dir / rel for rel in rec.result.get("artifacts", {}).values()] + [rec.dir / "result.json"]
         for name, rec in records.items()
     }
-    for name in gate_events:
+    for name in failed_gates:
         files.setdefault(name, sorted((root / name).glob("*.json")))
     return files
 

@@ -213,18 +213,19 @@ class ExportStage(Stage):
         report = measure_parity(model, run_exported, images, labels, batch_size=batch)
         gates = tolerances(cfg)
         outcomes = parity_gates(report, ParityTolerance(**gates), label=f"{ctx.name} ({cfg.format})")
-        failures = [g["message"] for g in outcomes if not g["passed"]]
+        failures = [g.message for g in outcomes if not g.passed]
         parity = {
             **report.to_dict(),
             "tolerances": gates,
             "passed": not failures,
             "failures": failures,
-            "gates": outcomes,
+            "gates": [g.to_dict() for g in outcomes],
         }
         atomic_write_json(ctx.dir / "parity.json", parity)
         if failures:
-            ctx.event("gate_failed", parity=parity)
-            raise GateFailed("; ".join(failures), hint=f"the parity report is in {ctx.dir / 'parity.json'}")
+            raise GateFailed(
+                "; ".join(failures), hint=f"the parity report is in {ctx.dir / 'parity.json'}", gates=outcomes
+            )
         artifacts = {"model": artifact.name, "parity": "parity.json"}
         if artifact != fp32_path and fp32_path.is_file():
             artifacts["fp32"] = fp32_path.name
@@ -257,6 +258,7 @@ class ExportStage(Stage):
                 "opset": cfg.opset,
                 "simplified": onnx_info.simplified,
                 "parity": parity,
+                "gates": parity["gates"],
                 **job.info,
             },
         )

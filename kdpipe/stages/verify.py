@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 
 from kdpipe.config import StageConfig
 from kdpipe.distill.evaluate import evaluate
-from kdpipe.errors import GateFailed
+from kdpipe.errors import Gate, GateFailed
 from kdpipe.fileio import atomic_write_json
 from kdpipe.registry import STAGES
 from kdpipe.stages.base import Stage, StageResult
@@ -73,22 +73,27 @@ class VerifyStage(Stage):
         ]
         gates = [g for g in candidates if g is not None]
         per_class = {name: acc for name, acc in zip(splits.classes, student.per_class, strict=True)}
-        report = {"metrics": metrics, "gates": gates, "per_class_top1": per_class, "test_samples": student.num_samples}
+        records = [g.to_dict() for g in gates]
+        report = {
+            "metrics": metrics,
+            "gates": records,
+            "per_class_top1": per_class,
+            "test_samples": student.num_samples,
+        }
         atomic_write_json(ctx.dir / "report.json", report)
-        failed = [g for g in gates if not g["passed"]]
+        failed = [g for g in gates if not g.passed]
         if failed:
-            ctx.event("gate_failed", gates=gates, failed=[g["name"] for g in failed])
-            raise GateFailed("verify: " + "; ".join(g["message"] for g in failed))
+            raise GateFailed("verify: " + "; ".join(g.message for g in failed), gates=gates)
         metrics["gates_passed"] = len(gates)
         return StageResult(
             metrics=metrics,
             artifacts={"report": "report.json"},
-            summary="; ".join(g["message"] for g in gates),
-            info={"gates": gates, "per_class_top1": per_class},
+            summary="; ".join(g.message for g in gates),
+            info={"gates": records, "per_class_top1": per_class},
         )
 
 
-def _gate(name: str, threshold: float | None, value: float | None, higher_is_better: bool) -> dict[str, Any] | None:
+def _gate(name: str, threshold: float | None, value: float | None, higher_is_better: bool) -> Gate | None:
     """One gate outcome with a message that says by how much it passed or failed."""
     if threshold is None:
         return None
@@ -101,4 +106,4 @@ def _gate(name: str, threshold: float | None, value: float | None, higher_is_bet
     relation = (">=" if passed else "<") if higher_is_better else ("<=" if passed else ">")
     verdict = "passed" if passed else f"FAILED by {abs(margin):.4f}"
     message = f"{label} {value:.4f} {relation} {name} {threshold:.4f}: {verdict}"
-    return {"name": name, "threshold": threshold, "value": value, "passed": passed, "message": message}
+    return Gate(name=name, threshold=threshold, value=value, passed=passed, message=message)

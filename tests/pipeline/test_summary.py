@@ -68,8 +68,13 @@ def test_success_then_rerun(write_config: Callable[..., Path], tmp_path: Path) -
 
 def test_gate_failure(write_config: Callable[..., Path], tmp_path: Path) -> None:
     cfg, rd = write_config(), tmp_path / "run"
-    with pytest.raises(GateFailed):
+    with pytest.raises(GateFailed) as info:
         run(cfg, rd, "stages.verify.min_top1=1.0", "stages.verify.max_drop_vs_teacher=1.0")
+    # the exception carries every gate the stage checked, and the one gate_failed event is made from them
+    assert [(g.name, g.passed) for g in info.value.gates] == [("min_top1", False), ("max_drop_vs_teacher", True)]
+    events = [json.loads(line) for line in (rd / "events.jsonl").read_text().splitlines()]
+    failed_events = [e for e in events if e["event"] == "gate_failed"]
+    assert len(failed_events) == 1 and failed_events[0]["gates"] == [g.to_dict() for g in info.value.gates]
     doc = summary_of(rd)
     assert (doc["status"], doc["exit_code"]) == ("gate_failed", 4)
     assert doc["error"]["stage"] == "verify" and "FAILED by" in doc["error"]["message"]

@@ -28,7 +28,8 @@ from kdpipe.errors import ConfigError, StageError
 from kdpipe.exports.formats import ExportFormat, ExportJob, Runner, register_format
 from kdpipe.pipeline.runner import Runner as PipelineRunner
 from kdpipe.registry import BACKENDS, FORMATS, METHODS, STAGES, Registry
-from kdpipe.stages.base import Stage, StageResult
+from kdpipe.stages.base import Stage, StageRecord, StageResult
+from kdpipe.stages.outputs import ModelOutput
 from tests.conftest import TINY
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -326,3 +327,32 @@ def test_contributing_recipes_name_what_exists() -> None:
         declared = {*getattr(cls, "__dataclass_fields__", {}), *getattr(cls, "__annotations__", {})}
         missing = [a for a in attrs if not hasattr(cls, a) and a not in declared]
         assert not missing, (cls.__name__, missing)
+
+
+class BrokenModelStage(EchoStage):
+    """Says it provides a model but records no model name: the engine must refuse its output."""
+
+    Output = ModelOutput
+    provides = frozenset({"model"})
+
+
+def test_a_stage_output_is_checked_against_its_declared_type(write_config: Callable[..., Path], tmp_path: Path) -> None:
+    text = """
+    version: 1
+    name: broken
+    device: cpu
+    data: {kind: synthetic, num_classes: 2, num_samples: 16, image_size: 8}
+    stages:
+      hello: {type: echo, message: hi}
+    """
+    with (
+        registered(STAGES, "echo", BrokenModelStage),
+        pytest.raises(StageError, match=r"not its ModelOutput: model_name: Field required"),
+    ):
+        PipelineRunner(load_config(write_config(text)), tmp_path / "run").run()
+    assert not (tmp_path / "run" / "hello" / "result.json").exists()  # never recorded as finished
+    with registered(STAGES, "echo", EchoStage):
+        PipelineRunner(load_config(write_config(text)), tmp_path / "ok").run()
+        record = StageRecord("hello", "echo", tmp_path / "ok" / "hello", {"info": {}})
+        with pytest.raises(StageError, match=r"records a Output, not a ModelOutput"):
+            record.output(ModelOutput)

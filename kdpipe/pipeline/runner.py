@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 import kdpipe
 from kdpipe import distributed
@@ -361,6 +362,15 @@ class Runner:
                 hint=f"full traceback in {log_path}",
             ) from exc
         seconds = time.perf_counter() - t0
+        try:  # what later stages read must be what the stage type declares
+            node.stage_cls.Output.model_validate(result.info)
+        except ValidationError as exc:
+            declared = node.stage_cls.Output.__name__
+            raise StageError(
+                f"stage {node.name!r} ({node.type}) recorded an output that is not its {declared}: "
+                + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()),
+                hint="a bug in the stage type: report it with this message",
+            ) from None
         record = {
             "stage": node.name,
             "type": node.type,

@@ -3,10 +3,11 @@ the context the engine hands it. One stage type per file in this package; each r
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 
@@ -14,9 +15,12 @@ from kdpipe.config import LoadedConfig, StageConfig
 from kdpipe.errors import StageError
 from kdpipe.progress import NullProgress, Progress
 from kdpipe.requirements import Requirement
+from kdpipe.stages.outputs import Output
 
 if TYPE_CHECKING:
     from kdpipe.data import Splits
+
+OutputT = TypeVar("OutputT", bound=Output)
 
 
 @dataclass
@@ -39,6 +43,15 @@ class StageRecord:
     @property
     def metrics(self) -> dict[str, Any]:
         return dict(self.result.get("metrics", {}))
+
+    def output(self, kind: builtins.type[OutputT]) -> OutputT:
+        """This stage's output (its result's ``info``) as ``kind``; a StageError when its type provides another."""
+        from kdpipe.registry import STAGES
+
+        declared = STAGES.get(self.type).Output
+        if not issubclass(declared, kind):
+            raise StageError(f"stage {self.name!r} ({self.type}) records a {declared.__name__}, not a {kind.__name__}")
+        return kind.model_validate(self.result.get("info", {}))
 
 
 @dataclass
@@ -116,6 +129,8 @@ class Stage:
     """Base class of a stage type. Subclasses set ``Config``, ``provides`` and implement :meth:`run`."""
 
     Config: ClassVar[type[StageConfig]]
+    Output: ClassVar[type[Output]] = Output
+    """What ``run`` records in ``StageResult.info`` for later stages (validated by the engine when it finishes)."""
     provides: ClassVar[frozenset[str]] = frozenset()
     data_parallel: ClassVar[bool] = False
     """Under torchrun, every rank runs this stage (training); other stages run on rank 0 alone."""

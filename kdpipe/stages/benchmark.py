@@ -22,6 +22,7 @@ from kdpipe.registry import BACKENDS, STAGES
 from kdpipe.requirements import Requirement, cuda_available, from_check, needs_cuda
 from kdpipe.stages.base import Stage, StageRecord, StageResult
 from kdpipe.stages.common import load_stage_model
+from kdpipe.stages.outputs import BenchmarkOutput, ExportOutput, ModelOutput
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,12 @@ def _targets(
             for record in exports:
                 path = record.artifact("model")
                 if path.suffix in cls.consumes:
-                    label = f"{record.result['info']['model_name']} {record.result['info']['format']}"
+                    out = record.output(ExportOutput)
+                    label = f"{out.model_name} {out.format}"
                     targets.append(BenchTarget(label=label, backend=backend, path=path))
         elif student is not None:
             module = load()
-            label = f"{student.result['info']['model_name']} torch"
+            label = f"{student.output(ModelOutput).model_name} torch"
             targets.append(BenchTarget(label=label, backend=backend, path=student.artifact("model"), module=module))
     return targets
 
@@ -77,6 +79,7 @@ def _targets(
 @STAGES.register("benchmark", summary="latency/throughput per backend and batch size: JSON, Markdown, PNG")
 class BenchmarkStage(Stage):
     Config = BenchmarkConfig
+    Output = BenchmarkOutput
     provides = frozenset({"benchmark"})
     config: BenchmarkConfig
 

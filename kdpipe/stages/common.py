@@ -27,6 +27,7 @@ from kdpipe.models.factory import (
     save_weights,
 )
 from kdpipe.stages.base import StageContext, StageRecord
+from kdpipe.stages.outputs import ModelOutput
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def build_model_with_info(name: str, splits: Splits, **kwargs: Any) -> tuple[nn.
 
 def load_stage_model(record: StageRecord, splits: Splits, device: torch.device) -> nn.Module:
     """Rebuild the model an upstream stage saved (architecture from its result, weights from its file)."""
-    model = build_model(record.result["info"]["model_name"], splits)
+    model = build_model(record.output(ModelOutput).model_name, splits)
     load_weights(model, record.artifact("model"))
     return model.to(device).eval()
 

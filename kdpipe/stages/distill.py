@@ -29,6 +29,7 @@ from kdpipe.stages.common import (
     test_loader,
     train_method,
 )
+from kdpipe.stages.outputs import ModelOutput
 from kdpipe.stages.teacher import ModelWeights, check_checkpoint
 from kdpipe.stages.validators import known_model
 
@@ -78,6 +79,7 @@ def distill_config_model() -> type[DistillConfig]:
 @STAGES.register("distill", summary="train a student with a KD method (kdpipe list methods)")
 class DistillStage(Stage):
     Config = DistillConfig
+    Output = ModelOutput
     provides = frozenset({"student", "model"})
     data_parallel = True
     config: DistillConfig
@@ -153,7 +155,7 @@ class DistillStage(Stage):
         if method_cls.teacher_role != "none":
             record = ctx.require("teacher")
             teacher = load_stage_model(record, splits, ctx.device)
-            teacher_info = {"teacher_stage": record.name, "teacher_model": record.result["info"]["model_name"]}
+            teacher_info = {"teacher_stage": record.name, "teacher_model": record.output(ModelOutput).model_name}
             if method_cls.teacher_role == "joint":
                 teacher.train()
         torch.manual_seed(ctx.seed)

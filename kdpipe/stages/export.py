@@ -24,6 +24,7 @@ from kdpipe.registry import STAGES
 from kdpipe.requirements import Requirement, needs_cuda, needs_module
 from kdpipe.stages.base import Stage, StageResult
 from kdpipe.stages.common import load_stage_model
+from kdpipe.stages.outputs import ExportOutput, ModelOutput
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ def tolerances(cfg: ExportConfig) -> dict[str, float | None]:
 @STAGES.register("export", summary="ONNX fp32/fp16/int8 or TensorRT, with a parity gate on real images")
 class ExportStage(Stage):
     Config = ExportConfig
+    Output = ExportOutput
     provides = frozenset({"export"})
     config: ExportConfig
 
@@ -164,7 +166,7 @@ class ExportStage(Stage):
         splits = ctx.data()
         record = ctx.find("student") or ctx.require("model")
         model = load_stage_model(record, splits, torch.device("cpu"))
-        model_name = record.result["info"]["model_name"]
+        model_name = record.output(ModelOutput).model_name
         pre = Preprocessing(
             mean=tuple(splits.mean),
             std=tuple(splits.std),

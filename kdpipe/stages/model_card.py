@@ -14,6 +14,14 @@ from kdpipe.model_cards import CardFacts, ModelResult, write_card
 from kdpipe.registry import METHODS, STAGES
 from kdpipe.stages.base import Stage, StageContext, StageRecord, StageResult
 from kdpipe.stages.benchmark import copy_plot
+from kdpipe.stages.outputs import (
+    BenchmarkOutput,
+    CardOutput,
+    ExportOutput,
+    GatesOutput,
+    ModelOutput,
+    ServeOutput,
+)
 
 PLOT = "latency.png"
 
@@ -32,17 +40,17 @@ def _result(role: str, record: StageRecord) -> ModelResult:
     metrics = record.metrics
     return ModelResult(
         role=role,
-        model_name=record.result["info"]["model_name"],
+        model_name=record.output(ModelOutput).model_name,
         metrics={k: float(metrics[k]) for k in ("top1", "top5") if k in metrics},
         params=int(metrics["params"]) if "params" in metrics else None,
     )
 
 
 def _export_result(record: StageRecord) -> ModelResult:
-    info, metrics = record.result["info"], record.metrics
+    info, metrics = record.output(ExportOutput), record.metrics
     return ModelResult(
         role=record.name,
-        model_name=f"{info['model_name']} ({info['format']})",
+        model_name=f"{info.model_name} ({info.format})",
         metrics={"top1": float(metrics["top1"]), "top1_agreement": float(metrics["top1_agreement"])},
     )
 
@@ -78,7 +86,7 @@ def _weights_section(records: list[tuple[str, Any]]) -> str:
     """Where the teacher and the student started from, for runs that used pretrained weights ("" otherwise)."""
     rows = []
     for role, record in records:
-        weights = record.result["info"].get("weights") if record is not None else None
+        weights = record.output(ModelOutput).weights if record is not None else None
         if not weights or not weights.get("pretrained"):
             continue
         head = weights.get("head")
@@ -87,7 +95,7 @@ def _weights_section(records: list[tuple[str, Any]]) -> str:
             if head
             else "kept"
         )
-        rows.append([role, record.result["info"]["model_name"], weights["source"], adapted])
+        rows.append([role, record.output(ModelOutput).model_name, weights["source"], adapted])
     if not rows:
         return ""
     return "Pretrained starting points; a class head of another size is re-initialised (timm's rule).\n\n" + table(
@@ -103,11 +111,11 @@ def _sections(ctx: StageContext) -> dict[str, str]:
         header = ["export", "file", "size", "top-1", "torch top-1", "agreement", "max abs logit diff", "gates"]
         rows = []
         for r in exports:
-            m, info = r.metrics, r.result["info"]
-            gates = ", ".join(f"{k} {v}" for k, v in info["parity"]["tolerances"].items() if v is not None)
+            m, out = r.metrics, r.output(ExportOutput)
+            gates = ", ".join(f"{k} {v}" for k, v in out.parity["tolerances"].items() if v is not None)
             rows.append(
                 [
-                    f"{r.name} ({info['format']})",
+                    f"{r.name} ({out.format})",
                     f"`{r.artifact('model').name}`",
                     f"{m['size_bytes'] / 1e6:.2f} MB",
                     f"{m['top1']:.4f}",
@@ -117,14 +125,14 @@ def _sections(ctx: StageContext) -> dict[str, str]:
                     f"{gates}: passed",
                 ]
             )
-        samples = exports[-1].result["info"]["parity"]["num_samples"]
+        samples = exports[-1].output(ExportOutput).parity["num_samples"]
         sections["Exported models and parity"] = (
             f"Each export is checked against the PyTorch student on {samples} test images.\n\n"
             + table(header, rows, right=range(2, 7))
         )
     bench = ctx.find("benchmark")
     if bench is not None:
-        bench_cells = [BenchCell.from_dict(c) for c in bench.result["info"]["cells"]]
+        bench_cells = [BenchCell.from_dict(c) for c in bench.output(BenchmarkOutput).cells]
         env = ctx.environment
         text = f"Measured on {env.get('device')} ({env.get('cpu_threads')} CPU threads), torch {env.get('torch')}.\n\n"
         text += markdown_table(bench_cells)
@@ -133,11 +141,11 @@ def _sections(ctx: StageContext) -> dict[str, str]:
         sections["Latency"] = text
     serve = ctx.find("serve")
     if serve is not None:
-        info = serve.result["info"]
+        served = serve.output(ServeOutput)
         sections["Serving"] = (
-            f"A Triton model repository is in `{serve.dir.name}/{info['repository']}` (model `{info['model_name']}`, "
-            f"platform `{info['platform']}`, max_batch_size {serve.metrics['max_batch_size']}, dynamic batching):\n\n"
-            f"```bash\ntritonserver --model-repository {serve.dir.name}/{info['repository']}\n```"
+            f"A Triton model repository is in `{serve.dir.name}/{served.repository}` (model `{served.model_name}`, "
+            f"platform `{served.platform}`, max_batch_size {serve.metrics['max_batch_size']}, dynamic batching):\n\n"
+            f"```bash\ntritonserver --model-repository {serve.dir.name}/{served.repository}\n```"
         )
     return sections
 
@@ -145,6 +153,7 @@ def _sections(ctx: StageContext) -> dict[str, str]:
 @STAGES.register("model_card", summary="Hugging Face model card: results, method, data, gates, environment")
 class ModelCardStage(Stage):
     Config = ModelCardConfig
+    Output = CardOutput
     provides = frozenset({"card"})
     config: ModelCardConfig
 
@@ -169,10 +178,10 @@ class ModelCardStage(Stage):
             method_provenance=METHODS.get(distill_cfg.method.name).provenance,
             dataset={**splits.describe(), "kind": ctx.pipeline.data.kind},
             train=distill_cfg.train.model_dump(mode="json"),
-            gates=list(verify.result["info"]["gates"]) if verify else [],
+            gates=list(verify.output(GatesOutput).gates) if verify else [],
             environment=ctx.environment,
             resolved_config_yaml=resolved,
-            base_model=cfg.base_model or (teacher.result["info"]["model_name"] if teacher else None),
+            base_model=cfg.base_model or (teacher.output(ModelOutput).model_name if teacher else None),
             license=cfg.license,
         )
         facts.extra_results = [_export_result(r) for r in ctx.find_all("export")]

@@ -17,6 +17,7 @@ from kdpipe.model_cards.triton import TritonModelSpec, spec_from_onnx, write_tri
 from kdpipe.model_cards.triton_check import validate_repository
 from kdpipe.registry import STAGES
 from kdpipe.stages.base import Stage, StageResult
+from kdpipe.stages.outputs import ExportOutput, ServeOutput
 
 REPOSITORY = "model_repository"
 
@@ -39,6 +40,7 @@ class ServeConfig(StageConfig):
 @STAGES.register("serve", summary="Triton model repository (config.pbtxt, model, labels) for an export")
 class ServeStage(Stage):
     Config = ServeConfig
+    Output = ServeOutput
     provides = frozenset({"serve"})
     config: ServeConfig
 
@@ -49,11 +51,11 @@ class ServeStage(Stage):
     def run(self) -> StageResult:
         ctx, cfg = self.ctx, self.config
         record = ctx.require("export")
-        info = record.result["info"]
+        info = record.output(ExportOutput)
         model_file = record.artifact("model")
         name = cfg.model_name or re.sub(r"[^A-Za-z0-9_.-]", "_", ctx.pipeline.name)
-        if info.get("dynamic_batch"):
-            export_max = int(info["max_batch_size"])
+        if info.dynamic_batch:
+            export_max = info.max_batch_size
             max_batch = cfg.max_batch_size or export_max
             if max_batch > export_max:
                 raise StageError(
@@ -84,10 +86,10 @@ class ServeStage(Stage):
             "instance_kind": cfg.instance_kind,
             "instance_count": cfg.instance_count,
         }
-        platform = get_format(info["format"]).triton_platform
+        platform = get_format(info.format).triton_platform
         if platform is None:
             raise StageError(
-                f"serve: export {record.name!r} is in format {info['format']!r}, which Triton cannot serve",
+                f"serve: export {record.name!r} is in format {info.format!r}, which Triton cannot serve",
                 hint="serve an onnx, onnx-fp16, onnx-int8 or tensorrt export (kdpipe list formats)",
             )
         if platform == "onnxruntime_onnx":  # the graph itself says its names and dims
@@ -97,10 +99,10 @@ class ServeStage(Stage):
                 name=name,
                 platform=platform,
                 model_file=model_file,
-                input_name=info["input_name"],
-                input_dims=tuple(info["input_shape"]),
-                output_name=info["output_name"],
-                output_dims=(int(info["num_classes"]),),
+                input_name=info.input_name,
+                input_dims=tuple(info.input_shape),
+                output_name=info.output_name,
+                output_dims=(info.num_classes,),
                 max_batch_size=max_batch,
                 **common,
             )

@@ -27,6 +27,7 @@ from kdpipe.stages.common import (
     test_loader,
     train_method,
 )
+from kdpipe.stages.outputs import ModelOutput
 from kdpipe.stages.validators import known_model
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class TeacherConfig(StageConfig):
 @STAGES.register("teacher", summary="a timm teacher: pretrained, from a checkpoint, or trained here")
 class TeacherStage(Stage):
     Config = TeacherConfig
+    Output = ModelOutput
     provides = frozenset({"teacher", "model"})
     data_parallel = True
     config: TeacherConfig

@@ -15,6 +15,7 @@ from kdpipe.fileio import atomic_write_json
 from kdpipe.registry import STAGES
 from kdpipe.stages.base import Stage, StageResult
 from kdpipe.stages.common import load_stage_model, test_loader
+from kdpipe.stages.outputs import GatesOutput
 
 
 class VerifyConfig(StageConfig):
@@ -39,6 +40,7 @@ class VerifyConfig(StageConfig):
 @STAGES.register("verify", summary="accuracy gates on the test split (exit 4 when one fails)")
 class VerifyStage(Stage):
     Config = VerifyConfig
+    Output = GatesOutput
     provides = frozenset({"verify"})
     config: VerifyConfig
 

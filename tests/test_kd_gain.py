@@ -8,7 +8,9 @@ loss values are pinned elsewhere (tests/distill/test_training_path.py). The marg
 full protocol; the protocol and its measured table are in benchmarks/results/method_quality_cpu.md.
 
 Measured 2026-12-03 (one CPU, one thread: 25.5 min; about half with two): teacher 56.54, CE 46.19 ± 1.92, KD
-49.38 ± 0.76, so +3.18 against the 1.0 required. ``slow`` (run with --runslow). Skips where ../shared/data is absent
+49.38 ± 0.76, so +3.18 against the 1.0 required. Break-checked 2026-12-04 (11 min, two jobs): with the teacher's
+logits zeroed in the KD loss (kdpipe/distill/methods/kd.py) it fails, KD 32.68 ± 1.33 vs CE 46.21 ± 1.16.
+``slow`` (run with --runslow). Skips where ../shared/data is absent
 (a user's clone).
 """
 

@@ -3,10 +3,7 @@ at which commit, and how it measured. Results go to benchmarks/results/<name>.js
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import os
-import platform
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -30,25 +27,10 @@ def git_commit() -> str:
 
 
 def environment() -> dict[str, Any]:
-    import timm
-    import torch
+    """kdpipe's environment record (versions, CPU, GPU, ...) with the commit of this benchmark checkout."""
+    from kdpipe.environment import describe_environment, resolve_device
 
-    env: dict[str, Any] = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-    }
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-        env["cuda"] = torch.version.cuda
-    return env
+    return {**describe_environment(resolve_device("auto")), "commit": git_commit()}
 
 
 def write_result(name: str, payload: dict[str, Any], directory: Path | None = None) -> Path:

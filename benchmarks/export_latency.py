@@ -121,7 +121,8 @@ def train_student(work: Path) -> Path:
 
 
 def load_student(path: Path) -> tuple[torch.nn.Module, dict[str, str]]:
-    from kdpipe.models.factory import create_model, load_weights, read_weights_metadata
+    from kdpipe.models.factory import create_model
+    from kdpipe.models.weights import load_weights, read_weights_metadata
 
     meta = read_weights_metadata(path)
     model = create_model(meta["arch"], num_classes=int(meta["num_classes"]), in_chans=int(meta["in_chans"]))

@@ -27,15 +27,6 @@ console = Console(stderr=True)
 stdout = Console()
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_CODES = {
-    0: "ok",
-    2: "config or usage error",
-    3: "data error",
-    4: "gate failed",
-    5: "stage crashed",
-    130: "interrupted",
-}
-
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose < 0 else logging.INFO if verbose == 0 else logging.DEBUG

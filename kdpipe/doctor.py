@@ -24,15 +24,21 @@ import click
 
 import kdpipe
 from kdpipe.errors import ConfigError, KdpipeError, handle_errors
-from kdpipe.requirements import Requirement, from_check, module_available, needs_cuda, needs_module
+from kdpipe.requirements import (
+    EXPORT_HINT,
+    TRACKING_HINT,
+    Requirement,
+    from_check,
+    module_available,
+    needs_cuda,
+    needs_module,
+)
 
 # (label, import name): imported, so a package that is installed but broken shows up as such
 _CORE = (("torch", "torch"), ("torchvision", "torchvision"), ("timm", "timm"), ("pydantic", "pydantic"))
 _EXPORT = (("onnx", "onnx"), ("onnxruntime", "onnxruntime"), ("onnxslim", "onnxslim"))
 # (label, distributions): only looked up, not imported (importing mlflow takes seconds)
 _TRACKING = (("mlflow", ("mlflow", "mlflow-skinny")), ("tensorboard", ("tensorboard",)))
-_EXPORT_HINT = 'pip install "kdpipe[export]" (onnx, onnxruntime, onnxslim)'
-_TRACKING_HINT = 'pip install "kdpipe[tracking]" (mlflow-skinny and tensorboard)'
 REQUIRE_CHOICES = ("cuda", "tensorrt", "onnx", "onnxruntime-cuda", "mlflow", "tensorboard")
 
 
@@ -142,13 +148,13 @@ def required(names: tuple[str, ...]) -> list[Requirement]:
         elif name == "tensorrt":
             reqs.append(from_check("tensorrt", require_tensorrt, **kw))
         elif name == "onnx":
-            reqs += [needs_module(m, value=name, hint=_EXPORT_HINT, **kw) for m in ("onnx", "onnxruntime")]
+            reqs += [needs_module(m, value=name, hint=EXPORT_HINT, **kw) for m in ("onnx", "onnxruntime")]
         elif name == "onnxruntime-cuda":
-            reqs.append(needs_module("onnxruntime", value=name, hint=_EXPORT_HINT, **kw))
+            reqs.append(needs_module("onnxruntime", value=name, hint=EXPORT_HINT, **kw))
             if reqs[-1].available:
                 reqs.append(cuda_provider_requirement(**kw))
         else:  # mlflow, tensorboard
-            reqs.append(needs_module(name, value=name, hint=_TRACKING_HINT, **kw))
+            reqs.append(needs_module(name, value=name, hint=TRACKING_HINT, **kw))
     return reqs
 
 

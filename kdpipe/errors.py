@@ -15,6 +15,22 @@ from typing import Any, TypeVar
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+EXIT_CODES: dict[int, tuple[str, str]] = {
+    0: ("ok", "ok"),
+    2: ("error", "config or usage error"),
+    3: ("error", "data error"),
+    4: ("gate_failed", "gate failed"),
+    5: ("failed", "stage crashed"),
+    130: ("interrupted", "interrupted (rerun the same command to resume)"),
+}
+"""Every exit code kdpipe ends with: the status word summary.json and tracking record, and what it means."""
+
+
+def status_of(exit_code: int) -> str:
+    """The run status for an exit code (``failed`` for any code kdpipe does not itself use)."""
+    return EXIT_CODES.get(exit_code, ("failed", ""))[0]
+
+
 class KdpipeError(Exception):
     """Base of every error kdpipe reports to a user. ``exit_code`` is what ``kdpipe`` exits with."""
 

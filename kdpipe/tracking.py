@@ -26,11 +26,10 @@ from typing import Any, Protocol
 import kdpipe
 from kdpipe.config import LoadedConfig, MlflowConfig, TensorBoardConfig
 from kdpipe.overrides import flatten
-from kdpipe.requirements import Requirement, needs_module
+from kdpipe.requirements import TRACKING_HINT, Requirement, needs_module
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = 'pip install "kdpipe[tracking]" (mlflow-skinny and tensorboard)'
 _NOT_METRICS = {"time", "stage", "event", "epoch"}
 _MLFLOW_PARAM_CHARS = 6000
 _MLFLOW_BATCH = 100
@@ -43,7 +42,7 @@ def requirements(loaded: LoadedConfig) -> list[Requirement]:
     for backend, module in (("mlflow", "mlflow"), ("tensorboard", "tensorboard")):
         if getattr(cfg, backend) is not None:
             where = loaded.where(("tracking", backend))
-            reqs.append(needs_module(module, field=f"tracking.{backend}", where=where, value=None, hint=INSTALL_HINT))
+            reqs.append(needs_module(module, field=f"tracking.{backend}", where=where, value=None, hint=TRACKING_HINT))
     return reqs
 
 

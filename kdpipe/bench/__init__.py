@@ -8,11 +8,12 @@ measures one stand-alone model file (``kdpipe bench MODEL``, see ``standalone.be
 from __future__ import annotations
 
 from kdpipe.bench import backends as backends  # registers torch, torch-compile, onnxruntime, tensorrt
-from kdpipe.bench.measure import BenchCell, resolve_device, run_benchmark, summarize
+from kdpipe.bench.measure import BenchCell, run_benchmark, summarize
 from kdpipe.bench.memory import MEMORY_SCOPES
-from kdpipe.bench.report import describe_environment, markdown_table, read_report, write_report
+from kdpipe.bench.report import markdown_table, read_report, write_report
 from kdpipe.bench.standalone import benchmark_file
 from kdpipe.bench.target import BenchTarget
+from kdpipe.environment import describe_environment, resolve_device
 
 __all__ = [
     "MEMORY_SCOPES",

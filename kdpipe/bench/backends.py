@@ -27,6 +27,7 @@ from kdpipe.bench.target import BenchTarget
 from kdpipe.errors import ConfigError
 from kdpipe.exports.runtime import create_onnx_session
 from kdpipe.registry import BACKENDS
+from kdpipe.requirements import EXPORT_HINT, TENSORRT_HINT
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +267,7 @@ class OnnxRuntimeBackend(Backend):
     @classmethod
     def check_available(cls) -> None:
         if importlib.util.find_spec("onnxruntime") is None:
-            raise ConfigError("the onnxruntime backend needs onnxruntime", hint="pip install 'kdpipe[export]'")
+            raise ConfigError("the onnxruntime backend needs onnxruntime", hint=EXPORT_HINT)
 
     def version(self) -> str:
         import onnxruntime as ort
@@ -362,7 +363,7 @@ class TensorRTBackend(Backend):
         if importlib.util.find_spec("tensorrt") is None:
             raise ConfigError(
                 "the tensorrt backend needs the tensorrt package, which is not installed",
-                hint="on a machine with an NVIDIA GPU: pip install tensorrt; or choose another backend",
+                hint=TENSORRT_HINT,
             )
 
     def version(self) -> str:

@@ -27,6 +27,7 @@ import torch
 from kdpipe.bench.backends import Backend
 from kdpipe.bench.memory import PeakMemory
 from kdpipe.bench.target import BenchTarget
+from kdpipe.environment import resolve_device
 from kdpipe.errors import ConfigError, KdpipeError
 from kdpipe.progress import NullProgress, Progress
 from kdpipe.registry import BACKENDS
@@ -142,23 +143,6 @@ def time_iterations(
             step()
             latencies.append((time.perf_counter_ns() - t0) / 1e6)
     return latencies
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> the first CUDA device when there is one, else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` as given."""
-    if device == "auto":
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"unknown device {device!r}", hint="use auto, cpu, cuda or cuda:N") from e
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} was requested but no CUDA device is available", hint="use cpu")
-        return torch.device("cuda", resolved.index or 0)
-    if resolved.type != "cpu":
-        raise ConfigError(f"device {device!r} is not supported for benchmarks", hint="use auto, cpu, cuda or cuda:N")
-    return resolved
 
 
 def run_benchmark(

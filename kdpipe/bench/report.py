@@ -7,16 +7,11 @@ Every file is written atomically through ``kdpipe.fileio``. ``markdown_table`` i
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import io
 import json
 import logging
-import os
-import platform
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from kdpipe.bench.measure import BenchCell
 from kdpipe.bench.memory import MEMORY_SCOPES
@@ -43,36 +38,6 @@ METHOD = (
     "intra_op_num_threads, inter-op 1). A cell that fails (load error, unsupported batch size, out of memory) is "
     "reported with its error and does not stop the others."
 )
-
-
-def describe_environment(device: str | None = None) -> dict[str, Any]:
-    """Where and with what the numbers were measured: versions, platform, CPU count, threads, GPU."""
-    import kdpipe
-
-    env: dict[str, Any] = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "kdpipe": kdpipe.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda_available": torch.cuda.is_available(),
-    }
-    if device is not None:
-        env["device"] = device
-    try:
-        import onnxruntime as ort
-
-        env["onnxruntime"] = ort.__version__
-        env["onnxruntime_providers"] = ort.get_available_providers()
-    except ImportError:
-        env["onnxruntime"] = None
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-        env["cuda"] = torch.version.cuda
-    return env
 
 
 def method_description(cells: list[BenchCell]) -> dict[str, Any]:

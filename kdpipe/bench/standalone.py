@@ -24,8 +24,9 @@ import click
 import torch
 from torch import nn
 
-from kdpipe.bench.measure import BenchCell, resolve_device, run_benchmark
+from kdpipe.bench.measure import BenchCell, run_benchmark
 from kdpipe.bench.target import BenchTarget
+from kdpipe.environment import resolve_device
 from kdpipe.errors import ConfigError, DataError, handle_errors
 from kdpipe.progress import Progress
 from kdpipe.registry import BACKENDS
@@ -233,7 +234,8 @@ def _build_from_weights(
     meta: dict[str, str],
     given: tuple[int, int, int] | None,
 ) -> tuple[nn.Module, tuple[int, int, int]]:
-    from kdpipe.models.factory import create_model, load_weights
+    from kdpipe.models.factory import create_model
+    from kdpipe.models.weights import load_weights
 
     if not arch:
         raise ConfigError(
@@ -335,7 +337,8 @@ def bench_command(
     """
     from rich.console import Console
 
-    from kdpipe.bench.report import describe_environment, write_report
+    from kdpipe.bench.report import write_report
+    from kdpipe.environment import describe_environment
 
     cells = benchmark_file(
         model,

@@ -31,13 +31,13 @@ from torch import nn
 
 from kdpipe.exports.onnx import OnnxExport
 from kdpipe.registry import FORMATS
+from kdpipe.requirements import EXPORT_HINT, TENSORRT_HINT
 
 log = logging.getLogger(__name__)
 
 Runner = Callable[[np.ndarray], np.ndarray]
 """Runs the exported model on a float32 ``(N, C, H, W)`` batch and returns ``(N, num_classes)`` logits."""
 
-ONNX_HINT = 'pip install "kdpipe[export]" (onnx, onnxruntime, onnxslim)'
 TRITON_PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")
 
 
@@ -78,7 +78,7 @@ class ExportFormat:
     summary: ClassVar[str] = ""
     suffix: ClassVar[str] = ".onnx"
     requires: ClassVar[tuple[str, ...]] = ("onnx", "onnxruntime")
-    hint: ClassVar[str] = ONNX_HINT
+    hint: ClassVar[str] = EXPORT_HINT
     needs_cuda: ClassVar[bool] = False
     parity: ClassVar[dict[str, float | None]] = {
         "max_abs_diff": 1e-3,
@@ -182,7 +182,7 @@ class TensorRTFormat(ExportFormat):
     summary = "TensorRT engine built from the ONNX (fp16/int8 via QDQ on TensorRT 11)"
     suffix = ".plan"
     requires = ("tensorrt", "onnx")
-    hint = "pip install tensorrt on a machine with an NVIDIA GPU and CUDA"
+    hint = TENSORRT_HINT
     needs_cuda = True
     parity: ClassVar[dict[str, float | None]] = {"max_abs_diff": 0.1, "min_agreement": 0.99, "max_top1_drop": 0.005}
     triton_platform = "tensorrt_plan"

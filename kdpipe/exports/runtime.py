@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from kdpipe.errors import ConfigError, ExportError
+from kdpipe.requirements import EXPORT_HINT
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -30,8 +31,6 @@ log = logging.getLogger(__name__)
 # spend minutes building its own engine on the first run.
 _PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
-_INSTALL_HINT = "pip install 'kdpipe[export]' (installs onnx, onnxruntime and onnxslim)"
-
 
 def require_module(name: str, *, purpose: str = "exporting to ONNX") -> ModuleType:
     """Import an optional export dependency by name, or raise ``ConfigError`` saying how to install it."""
@@ -39,7 +38,7 @@ def require_module(name: str, *, purpose: str = "exporting to ONNX") -> ModuleTy
         return importlib.import_module(name)
     except ImportError as exc:
         raise ConfigError(
-            f"{purpose} needs the {name} package, which does not import here: {exc}", hint=_INSTALL_HINT
+            f"{purpose} needs the {name} package, which does not import here: {exc}", hint=EXPORT_HINT
         ) from exc
 
 

@@ -33,11 +33,11 @@ import numpy as np
 from kdpipe.errors import ConfigError, ExportError
 from kdpipe.exports.runtime import require_module
 from kdpipe.fileio import atomic_open, atomic_write_json
+from kdpipe.requirements import TENSORRT_HINT
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
-_INSTALL_HINT = "pip install tensorrt (NVIDIA GPU + CUDA), or drop tensorrt from the export formats"
 
 
 def _import_tensorrt() -> Any:
@@ -57,7 +57,7 @@ def tensorrt_version() -> str | None:
 def require_tensorrt() -> None:
     """``ConfigError`` (exit 2) when TensorRT cannot be used here, with the install command."""
     if tensorrt_version() is None:
-        raise ConfigError("format tensorrt needs the tensorrt package, which does not import here", hint=_INSTALL_HINT)
+        raise ConfigError("format tensorrt needs the tensorrt package, which does not import here", hint=TENSORRT_HINT)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdpipe.errors import ConfigError, StageError
 from kdpipe.fileio import atomic_write_text, atomic_write_with
+from kdpipe.requirements import EXPORT_HINT
 
 if TYPE_CHECKING:
     from tritonclient.grpc import model_config_pb2
@@ -45,7 +46,6 @@ DATA_TYPES = (
     "TYPE_INT32", "TYPE_INT64", "TYPE_FP16", "TYPE_FP32", "TYPE_FP64", "TYPE_STRING", "TYPE_BF16",
 )  # fmt: skip
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
-_EXPORT_HINT = 'pip install "kdpipe[export]" (tritonclient[grpc], onnx)'
 
 
 @dataclass(frozen=True)
@@ -156,9 +156,7 @@ def model_config_module() -> Any:
     try:
         from tritonclient.grpc import model_config_pb2
     except ImportError as exc:
-        raise ConfigError(
-            "a Triton model config needs tritonclient, which is not installed", hint=_EXPORT_HINT
-        ) from exc
+        raise ConfigError("a Triton model config needs tritonclient, which is not installed", hint=EXPORT_HINT) from exc
     return model_config_pb2
 
 
@@ -275,7 +273,7 @@ def load_onnx_io(onnx_path: Path) -> tuple[list[OnnxTensor], list[OnnxTensor]]:
     try:
         import onnx
     except ImportError as exc:
-        raise ConfigError("reading an ONNX graph needs onnx, which is not installed", hint=_EXPORT_HINT) from exc
+        raise ConfigError("reading an ONNX graph needs onnx, which is not installed", hint=EXPORT_HINT) from exc
     try:
         # Only the graph's signature is needed; weights kept in external files are not read.
         model = onnx.load(str(onnx_path), load_external_data=False)

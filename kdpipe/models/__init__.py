@@ -24,10 +24,8 @@ from kdpipe.models.factory import (
     create_model,
     list_kdpipe_models,
     list_models,
-    load_weights,
-    read_weights_metadata,
-    save_weights,
 )
+from kdpipe.models.weights import load_weights, read_weights_metadata, save_weights
 
 __all__ = [
     "check_model_name",

@@ -23,10 +23,9 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from kdpipe.models._base import CIFAR100_MEAN, CIFAR100_STD, CifarNet, blocks_per_stage, cifar_pretrained_cfg
+from kdpipe.models._base import CifarNet, blocks_per_stage, cifar_pretrained_cfg
 
-# CIFAR100_MEAN, CIFAR100_STD and cifar_pretrained_cfg moved to ``_base``; re-exported for code importing them here.
-__all__ = ["CIFAR100_MEAN", "CIFAR100_STD", "BasicBlock", "CifarResNet", "cifar_pretrained_cfg"]
+__all__ = ["BasicBlock", "CifarResNet"]
 
 _WIDTHS = (16, 16, 32, 64)  # stem, stage 1, stage 2, stage 3
 _WIDTHS_X4 = (32, 64, 128, 256)  # CRD's "x4" variants

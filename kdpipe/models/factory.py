@@ -5,8 +5,7 @@ Every model kdpipe trains or exports is a timm model; kdpipe's CIFAR nets are re
 name space and one ``create_model`` serve both. None of their names shadows a timm model: where the literature's
 name is taken (``resnet50``, ``vgg13``), kdpipe's net carries a ``_cifar`` suffix.
 
-Weight files live in ``weights``; ``save_weights``, ``load_weights`` and ``read_weights_metadata`` are re-exported
-here, where callers have always imported them from.
+Weight files (``save_weights``, ``load_weights``, ``read_weights_metadata``) live in ``kdpipe.models.weights``.
 """
 
 from __future__ import annotations
@@ -24,12 +23,14 @@ from torch import nn
 
 from kdpipe.errors import ConfigError, DataError
 from kdpipe.models import cifar_resnet, cifar_resnet50, cifar_shufflenet, cifar_vgg, mobilenetv2, wrn
-from kdpipe.models.weights import HeadChange, _as_tuple, _first_line, fit_pretrained_state, read_state_dict
-from kdpipe.models.weights import load_weights as load_weights
-
-# ``name as name``: re-exported, callers import the weight-file functions from here.
-from kdpipe.models.weights import read_weights_metadata as read_weights_metadata
-from kdpipe.models.weights import save_weights as save_weights
+from kdpipe.models.weights import (
+    HeadChange,
+    _as_tuple,
+    _first_line,
+    fit_pretrained_state,
+    read_state_dict,
+    read_weights_metadata,
+)
 from kdpipe.registry import suggest
 
 log = logging.getLogger(__name__)

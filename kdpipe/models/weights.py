@@ -4,9 +4,6 @@ Weights are written as ``.safetensors`` with string metadata (arch, num_classes,
 ``kdpipe.fileio``. Reading accepts ``.safetensors`` and torch files, the latter only through
 ``torch.load(weights_only=True)``: a checkpoint is data, never code. Every failure to read or fit a file is a
 ``DataError`` that names the file and says what to do, not a traceback.
-
-``kdpipe.models.factory`` re-exports the three public functions, so ``from kdpipe.models.factory import
-save_weights`` keeps working.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from kdpipe.config import LoadedConfig
 from kdpipe.data import resolve_root
+from kdpipe.environment import resolve_device
 from kdpipe.errors import DataError
-from kdpipe.pipeline.environment import resolve_device
 from kdpipe.pipeline.graph import Node, build_graph
 from kdpipe.pipeline.normalization import resolve_preprocessing
 from kdpipe.requirements import Requirement, enforce, from_check

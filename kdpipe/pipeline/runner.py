@@ -25,13 +25,11 @@ from kdpipe import distributed
 from kdpipe.config import LoadedConfig
 from kdpipe.data import Splits, create_splits
 from kdpipe.data.splits import data_identity
-from kdpipe.errors import ConfigError, GateFailed, KdpipeError, StageError
+from kdpipe.environment import describe_environment, resolve_device
+from kdpipe.errors import ConfigError, GateFailed, KdpipeError, StageError, status_of
 from kdpipe.fileio import WriteError, atomic_write_json, atomic_write_text
 from kdpipe.pipeline import summary
 from kdpipe.pipeline.checks import preflight
-from kdpipe.pipeline.checks import requirements as requirements  # re-exported beside preflight
-from kdpipe.pipeline.environment import environment, resolve_device
-from kdpipe.pipeline.environment import git_sha as git_sha  # re-exported: it used to live here
 from kdpipe.pipeline.fingerprint import fingerprint
 from kdpipe.pipeline.graph import Node, downstream_of
 from kdpipe.pipeline.normalization import resolve_preprocessing
@@ -166,7 +164,7 @@ class Runner:
             if "run" in actions.values():
                 self._data()  # a data problem must surface before anything in the run directory changes
             distributed.broadcast_object((actions, self._fingerprints))  # torchrun: the other ranks follow rank 0
-            env = environment(self.device)
+            env = describe_environment(self.device)
             env["world_size"] = self.world.size
             # From here on the run directory changes, so however the run ends, summary.json records it.
             self._write_run_files(env)
@@ -232,7 +230,7 @@ class Runner:
         nothing here may hide that failure, so a problem recording it is only a warning then."""
         code = summary.exit_code_of(error)
         try:
-            rd.event(None, "run_end", seconds=seconds, status=summary.status_of(code), exit_code=code)
+            rd.event(None, "run_end", seconds=seconds, status=status_of(code), exit_code=code)
             doc = summary.document(
                 name=self.loaded.config.name,
                 config=self.loaded.path,

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import kdpipe
-from kdpipe.errors import Gate, KdpipeError
+from kdpipe.errors import Gate, KdpipeError, status_of
 
 if TYPE_CHECKING:
     from kdpipe.pipeline.graph import Node
@@ -49,10 +49,6 @@ def exit_code_of(error: BaseException | None) -> int:
     if isinstance(error, SystemExit):
         return error.code if isinstance(error.code, int) else 1
     return 1
-
-
-def status_of(exit_code: int) -> str:
-    return {0: "ok", 4: "gate_failed", 130: "interrupted", 2: "error", 3: "error"}.get(exit_code, "failed")
 
 
 def error_of(error: BaseException | None, stage: str | None = None) -> dict[str, Any] | None:

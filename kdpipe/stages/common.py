@@ -23,9 +23,8 @@ from kdpipe.models.factory import (
     count_params,
     create_model,
     create_model_with_info,
-    load_weights,
-    save_weights,
 )
+from kdpipe.models.weights import load_weights, save_weights
 from kdpipe.stages.base import StageContext, StageRecord
 from kdpipe.stages.outputs import ModelOutput
 

@@ -134,7 +134,9 @@ def _sections(ctx: StageContext) -> dict[str, str]:
     if bench is not None:
         bench_cells = [BenchCell.from_dict(c) for c in bench.output(BenchmarkOutput).cells]
         env = ctx.environment
-        text = f"Measured on {env.get('device')} ({env.get('cpu_threads')} CPU threads), torch {env.get('torch')}.\n\n"
+        text = (
+            f"Measured on {env.get('device')} ({env.get('torch_threads')} CPU threads), torch {env.get('torch')}.\n\n"
+        )
         text += markdown_table(bench_cells)
         if copy_plot(bench, ctx.dir / PLOT):
             text += f"\n\n![latency vs batch size]({PLOT})"

@@ -14,7 +14,8 @@ from torch import nn
 
 from kdpipe.bench.standalone import bench_command, benchmark_file, parse_shape, shape_from_preprocessing
 from kdpipe.errors import ConfigError, DataError
-from kdpipe.models.factory import create_model, save_weights
+from kdpipe.models.factory import create_model
+from kdpipe.models.weights import save_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 

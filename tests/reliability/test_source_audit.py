@@ -24,13 +24,13 @@ SAFE_YAML_LOADERS = {"_SafeLineLoader", "yaml.SafeLoader", "yaml.CSafeLoader"}
 # (file relative to kdpipe/, call) -> why no config value can steer it.
 ALLOWED: dict[tuple[str, str], str] = {
     (
-        "pipeline/runner.py",
+        "environment.py",
         "subprocess.run",
-    ): "git rev-parse HEAD with a fixed argv list, no shell, cwd = kdpipe's own folder",
+    ): "git rev-parse HEAD / git status with fixed argv lists, no shell, cwd = kdpipe's own folder",
     (
-        "pipeline/environment.py",
-        "subprocess.run",
-    ): "git rev-parse HEAD with a fixed argv list, no shell, cwd = kdpipe's own folder",
+        "plugins.py",
+        "importlib.import_module",
+    ): "import_all imports the modules pkgutil lists in kdpipe's own method and stage packages, never a config value",
     (
         "data/sources.py",
         "importlib.import_module",

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 import kdpipe.stages  # noqa: F401
 from kdpipe.config import load_config
 from kdpipe.errors import ConfigError, DataError
-from kdpipe.models.factory import create_model, save_weights
+from kdpipe.models.factory import create_model
+from kdpipe.models.weights import save_weights
 from kdpipe.pipeline.runner import Runner
 from tests.conftest import TINY
 
@@ -164,7 +165,7 @@ def _hub_folder(path: Path, name: str, mean: tuple[float, ...], num_classes: int
 
 
 def _weights_mean(path: Path) -> list[float]:
-    from kdpipe.models.factory import read_weights_metadata
+    from kdpipe.models.weights import read_weights_metadata
 
     return [float(v) for v in read_weights_metadata(path)["mean"].split(",")]
 
@@ -231,7 +232,7 @@ def test_unset_image_size_follows_the_pretrained_weights(write_config: Callable[
         "  teacher: {type: teacher, model: resnet8, weights: {checkpoint: digits12.safetensors, train: {epochs: 1}}}\n"
     )
     Runner(load_config(write_config(text)), tmp_path / "run").run()
-    from kdpipe.models.factory import read_weights_metadata
+    from kdpipe.models.weights import read_weights_metadata
 
     meta = read_weights_metadata(tmp_path / "run" / "teacher" / "model.safetensors")
     assert meta["image_size"] == "12" and meta["mean"] == "0.250000" and meta["std"] == "0.500000"

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 import kdpipe.stages  # noqa: F401
 from kdpipe.config import load_config
 from kdpipe.errors import ConfigError, DataError
-from kdpipe.models.factory import create_model, save_weights
+from kdpipe.models.factory import create_model
+from kdpipe.models.weights import save_weights
 from kdpipe.pipeline.runner import Runner
 from tests.conftest import TINY
 

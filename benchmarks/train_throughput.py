@@ -250,7 +250,7 @@ class KdpipeStep:
 
     def step(self) -> None:
         images, targets = next(self._batches)
-        self.trainer._step(images, targets)
+        self.trainer.train_step(images, targets)
 
 
 def crop_flip(images: Tensor, padding: int) -> Tensor:

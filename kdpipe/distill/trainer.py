@@ -30,6 +30,7 @@ from kdpipe.config import TrainConfig
 from kdpipe.distill.early_stopping import EarlyStopping
 from kdpipe.distill.evaluate import EvalResult, evaluate
 from kdpipe.distill.methods.base import KDMethod
+from kdpipe.distill.step import StepControl
 from kdpipe.errors import ConfigError, DataError, Interrupted
 from kdpipe.fileio import atomic_write_with, zip_damage
 from kdpipe.progress import NullProgress, Progress
@@ -263,8 +264,9 @@ class Trainer:
             sync_batchnorm(self.method, self.world, device)
         distributed.broadcast_state(self.method)  # every rank starts from rank 0's weights
         self.optimizer: torch.optim.Optimizer | None = None
+        self.control = StepControl(scaler=self.scaler, epochs=cfg.epochs)
+        method.bind(self.control)
         if method.manual_optimization:
-            method._scaler = self.scaler
             method.configure_optimizers(self._optimizer_factory)
             if not method.own_optimizers():
                 raise TypeError(f"{type(method).__name__} optimizes manually but configure_optimizers made none")
@@ -369,23 +371,23 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _step(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    def train_step(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """One optimisation step on a batch (the method's ``training_step`` under autocast, then the trainer's
+        optimizer step unless the method stepped its own); returns the method's outputs. Benchmarks time this."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             out = self.method.training_step(images, targets)
         loss = out["loss"]  # its finiteness is checked in fit() at the host-sync cadence, not here
-        if self.optimizer is None:  # the method stepped its own optimizers
-            self.scaler.update()
-            return out
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        distributed.average_gradients(p for g in self.optimizer.param_groups for p in g["params"])
-        self.scaler.step(self.optimizer)
+        if self.optimizer is not None:  # else the method stepped its own optimizers through the StepControl
+            self.control.apply(loss, self.optimizer)
         self.scaler.update()
         return out
 
     def fit(self) -> TrainResult:
+        """Train ``cfg.epochs`` epochs (resuming from the stage's checkpoint when it matches), evaluating every
+        ``eval_every`` epochs; returns the history and the final evaluation. Raises ``Interrupted`` after saving a
+        checkpoint when SIGINT/SIGTERM arrives."""
         result = TrainResult()
         cfg = self.cfg
         stopper = EarlyStopping(cfg.early_stopping, self.method.deployable()) if cfg.early_stopping else None
@@ -395,83 +397,15 @@ class Trainer:
         if len(self.train_batches) == 0:
             raise DataError(f"the train split has fewer samples than batch_size={cfg.batch_size}; lower batch_size")
         t0 = time.perf_counter()
-        steps_done = 0
+        self._steps_done = 0
         self.method.train()
         with _StopFlag() as stop:
             for epoch in range(start_epoch, end_epoch):
-                factor = lr_factor(cfg, epoch)
-                lr = cfg.lr * factor
-                optimizers = [self.optimizer, *self.method.own_optimizers().values()]
-                for group in (g for opt in optimizers if opt is not None for g in opt.param_groups if "base_lr" in g):
-                    group["lr"] = group["base_lr"] * factor  # groups without base_lr keep a fixed lr
-                self.method.lr = lr
-                self._freeze_backbone(epoch)
-                self.method.on_epoch_start(epoch, cfg.epochs)
-                self.train_batches.set_epoch(epoch)
+                lr = self._begin_epoch(epoch)
                 first = start_step if epoch == start_epoch else 0
-                # Running sums stay on the device: reading them back waits for the GPU, so that happens every
-                # `sync_every` steps (every step on CPU, where it costs nothing) and at the end of the epoch.
-                sums: dict[str, Tensor] = {}
-                counts: dict[str, int] = {}  # per key: a part some steps do not return is averaged over those that do
-                hits = torch.zeros((), dtype=torch.int64, device=self.device)
-                seen = 0
-                shown_loss = math.nan
-                task = self.progress.task(f"{self.label} {epoch + 1}/{cfg.epochs}", total=len(self.train_batches))
-                task.advance(first)
-                try:
-                    for step, (images, targets) in enumerate(self.train_batches.iter_from(first), start=first):
-                        out = self._step(images, targets)
-                        n = targets.numel()
-                        for key, value in out.items():
-                            if key != "logits" and value.numel() == 1:
-                                part = value.detach().double().reshape(()) * n
-                                sums[key] = sums[key] + part if key in sums else part
-                                counts[key] = counts.get(key, 0) + n
-                        hits += (out["logits"].argmax(1) == targets).sum()
-                        seen += n
-                        steps_done += 1
-                        synced = steps_done % self.sync_every == 0 or step + 1 == len(self.train_batches)
-                        if synced:
-                            shown_loss = float(out["loss"].detach())
-                            self._check_finite(float(sums["loss"]), epoch, step)
-                        task.advance(1, loss=shown_loss)
-                        if self.stop_after_steps is not None and steps_done >= self.stop_after_steps:
-                            stop.signum = signal.SIGTERM
-                        if self.world.enabled and synced and distributed.any_rank(stop.signum is not None):
-                            stop.signum = stop.signum or signal.SIGTERM  # every rank stops at the same step
-                        if stop.signum is not None and (synced or not self.world.enabled):
-                            self._save(epoch, step + 1, result, stopper)
-                            raise Interrupted(
-                                f"{self.label}: stopped by {signal.Signals(stop.signum).name} at epoch {epoch + 1}, "
-                                f"step {step + 1}; checkpoint saved to {self.checkpoint_path}",
-                                hint="rerun the same command to resume",
-                            )
-                finally:
-                    task.close()
-                host_sums = {k: float(v) for k, v in sums.items()}
-                correct = int(hits)
-                if self.world.enabled:
-                    host_sums, counts, correct, seen = _reduce_epoch_sums(host_sums, counts, correct, seen)
-                    distributed.broadcast_state(self.method)  # BatchNorm statistics saw only this rank's shards
-                row: dict[str, float] = {"epoch": epoch + 1, "lr": lr}
-                row.update({f"train_{k}": v / max(counts[k], 1) for k, v in host_sums.items()})
-                row["train_top1"] = correct / max(seen, 1)
-                row.update(self.method.epoch_metrics())
-                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                    ev = evaluate(self.method.deployable(), self.eval_batches, self.num_classes)
-                    row.update({"eval_top1": ev.top1, "eval_top5": ev.top5, "eval_loss": ev.loss})
-                    networks = self.method.networks()
-                    for name, net in networks.items() if len(networks) > 1 else ():
-                        if name == self.method.deployed_network:  # online methods: every network under its name
-                            row[f"eval_top1_{name}"] = ev.top1
-                        else:
-                            row[f"eval_top1_{name}"] = evaluate(net, self.eval_batches, self.num_classes).top1
-                    if not ev.top1 <= result.best_top1:  # also true while best is nan
-                        result.best_top1, result.best_epoch = ev.top1, epoch + 1
-                    result.final = ev
-                    if stopper is not None and stopper.update(ev.top1, epoch + 1):
-                        row["early_stop"] = 1.0
-                self.method.train()
+                totals = self._train_epoch(epoch, first, stop, result, stopper)
+                row = self._epoch_row(epoch, lr, totals)
+                self._evaluate_epoch(epoch, row, result, stopper)
                 result.history.append(row)
                 if self.on_epoch is not None:
                     self.on_epoch(row)
@@ -493,3 +427,111 @@ class Trainer:
             result.final = evaluate(self.method.deployable(), self.eval_batches, self.num_classes)
         result.seconds = time.perf_counter() - t0
         return result
+
+    # -- the parts of an epoch -------------------------------------------------------------------------------------
+
+    def _begin_epoch(self, epoch: int) -> float:
+        """The schedule's lr for ``epoch`` on every scheduled param group and in the StepControl, the backbone
+        freeze, the method's epoch hook and the loader's epoch; returns the student lr."""
+        factor = lr_factor(self.cfg, epoch)
+        lr = self.cfg.lr * factor
+        optimizers = [self.optimizer, *self.method.own_optimizers().values()]
+        for group in (g for opt in optimizers if opt is not None for g in opt.param_groups if "base_lr" in g):
+            group["lr"] = group["base_lr"] * factor  # groups without base_lr keep a fixed lr
+        self.control.lr, self.control.epoch = lr, epoch
+        self._freeze_backbone(epoch)
+        self.method.on_epoch_start(epoch, self.cfg.epochs)
+        self.train_batches.set_epoch(epoch)
+        return lr
+
+    def _train_epoch(
+        self, epoch: int, first: int, stop: _StopFlag, result: TrainResult, stopper: EarlyStopping | None
+    ) -> _EpochTotals:
+        """Steps ``first..`` of ``epoch``: running sums of the logged outputs, the finite-loss check at the host-sync
+        cadence, and the agreed stop on a signal (every rank at the same step, after a checkpoint)."""
+        # Running sums stay on the device: reading them back waits for the GPU, so that happens every
+        # `sync_every` steps (every step on CPU, where it costs nothing) and at the end of the epoch.
+        totals = _EpochTotals(hits=torch.zeros((), dtype=torch.int64, device=self.device))
+        shown_loss = math.nan
+        task = self.progress.task(f"{self.label} {epoch + 1}/{self.cfg.epochs}", total=len(self.train_batches))
+        task.advance(first)
+        try:
+            for step, (images, targets) in enumerate(self.train_batches.iter_from(first), start=first):
+                out = self.train_step(images, targets)
+                totals.add(out, targets)
+                self._steps_done += 1
+                synced = self._steps_done % self.sync_every == 0 or step + 1 == len(self.train_batches)
+                if synced:
+                    shown_loss = float(out["loss"].detach())
+                    self._check_finite(float(totals.sums["loss"]), epoch, step)
+                task.advance(1, loss=shown_loss)
+                if self.stop_after_steps is not None and self._steps_done >= self.stop_after_steps:
+                    stop.signum = signal.SIGTERM
+                if self.world.enabled and synced and distributed.any_rank(stop.signum is not None):
+                    stop.signum = stop.signum or signal.SIGTERM  # every rank stops at the same step
+                if stop.signum is not None and (synced or not self.world.enabled):
+                    self._save(epoch, step + 1, result, stopper)
+                    raise Interrupted(
+                        f"{self.label}: stopped by {signal.Signals(stop.signum).name} at epoch {epoch + 1}, "
+                        f"step {step + 1}; checkpoint saved to {self.checkpoint_path}",
+                        hint="rerun the same command to resume",
+                    )
+        finally:
+            task.close()
+        return totals
+
+    def _epoch_row(self, epoch: int, lr: float, totals: _EpochTotals) -> dict[str, float]:
+        """The epoch's logged row: train means (summed over ranks) and the method's own statistics."""
+        host_sums = {k: float(v) for k, v in totals.sums.items()}
+        counts, correct, seen = totals.counts, int(totals.hits), totals.seen
+        if self.world.enabled:
+            host_sums, counts, correct, seen = _reduce_epoch_sums(host_sums, counts, correct, seen)
+            distributed.broadcast_state(self.method)  # BatchNorm statistics saw only this rank's shards
+        row: dict[str, float] = {"epoch": epoch + 1, "lr": lr}
+        row.update({f"train_{k}": v / max(counts[k], 1) for k, v in host_sums.items()})
+        row["train_top1"] = correct / max(seen, 1)
+        row.update(self.method.epoch_metrics())
+        return row
+
+    def _evaluate_epoch(
+        self, epoch: int, row: dict[str, float], result: TrainResult, stopper: EarlyStopping | None
+    ) -> None:
+        """On evaluation epochs: the deployed network (and every other network of an online method) on the eval
+        split, the best epoch, and early stopping."""
+        cfg = self.cfg
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            ev = evaluate(self.method.deployable(), self.eval_batches, self.num_classes)
+            row.update({"eval_top1": ev.top1, "eval_top5": ev.top5, "eval_loss": ev.loss})
+            networks = self.method.networks()
+            for name, net in networks.items() if len(networks) > 1 else ():
+                if name == self.method.deployed_network:  # online methods: every network under its name
+                    row[f"eval_top1_{name}"] = ev.top1
+                else:
+                    row[f"eval_top1_{name}"] = evaluate(net, self.eval_batches, self.num_classes).top1
+            if not ev.top1 <= result.best_top1:  # also true while best is nan
+                result.best_top1, result.best_epoch = ev.top1, epoch + 1
+            result.final = ev
+            if stopper is not None and stopper.update(ev.top1, epoch + 1):
+                row["early_stop"] = 1.0
+        self.method.train()
+
+
+@dataclass
+class _EpochTotals:
+    """Running sums of one epoch's logged outputs (on the device) and top-1 hits."""
+
+    hits: Tensor
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    """Per key: a part some steps do not return is averaged over those that do."""
+    seen: int = 0
+
+    def add(self, out: dict[str, Tensor], targets: Tensor) -> None:
+        n = targets.numel()
+        for key, value in out.items():
+            if key != "logits" and value.numel() == 1:
+                part = value.detach().double().reshape(()) * n
+                self.sums[key] = self.sums[key] + part if key in self.sums else part
+                self.counts[key] = self.counts.get(key, 0) + n
+        self.hits += (out["logits"].argmax(1) == targets).sum()
+        self.seen += n

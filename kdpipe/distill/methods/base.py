@@ -11,8 +11,8 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from kdpipe import distributed
 from kdpipe.config import StrictModel
+from kdpipe.distill.step import StepControl
 from kdpipe.registry import METHODS
 
 if TYPE_CHECKING:
@@ -147,9 +147,8 @@ class KDMethod(nn.Module):
         self.student = student
         self.context = context
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
-        self._scaler: torch.amp.GradScaler | None = None
-        self.lr = 0.0
-        """The student's current learning rate, set by the trainer at every epoch start."""
+        self.step_control = StepControl()
+        """The trainer's side of a step (loss scaling, gradient averaging, the schedule); bound by the trainer."""
         # A plain attribute inside a tuple: not a registered submodule, so the teacher never enters
         # state_dict(), parameters() or the optimizer.
         self._teacher: tuple[nn.Module, ...] = ()
@@ -161,6 +160,20 @@ class KDMethod(nn.Module):
             self._teacher = (teacher,)
         self.epoch = 0
         self.epochs = 1
+
+    def bind(self, control: StepControl) -> None:
+        """Called by the trainer once, before training: from then on loss scaling, gradient averaging and the lr
+        come from ``control``."""
+        self.step_control = control
+
+    @property
+    def lr(self) -> float:
+        """The student's current learning rate (the trainer's schedule; settable for a method used without one)."""
+        return self.step_control.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.step_control.lr = value
 
     @classmethod
     def check_pair(cls, params: MethodParams, student: str, teacher: str | None) -> None:
@@ -228,18 +241,9 @@ class KDMethod(nn.Module):
         return ctx.teacher_name if name == "teacher" else ctx.student_name
 
     def backward_step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """Backpropagate ``loss`` and step ``optimizer`` (with the trainer's fp16 loss scaling when it has one); under
-        data parallelism the gradients are averaged over ranks first."""
-        optimizer.zero_grad(set_to_none=True)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if self._scaler is not None and self._scaler.is_enabled():
-            self._scaler.scale(loss).backward()
-            distributed.average_gradients(params)
-            self._scaler.step(optimizer)
-        else:
-            loss.backward()
-            distributed.average_gradients(params)
-            optimizer.step()
+        """Backpropagate ``loss`` and step ``optimizer`` through the trainer's ``StepControl.apply`` (fp16 loss
+        scaling, gradients averaged over data-parallel ranks)."""
+        self.step_control.apply(loss, optimizer)
 
     def epoch_metrics(self) -> dict[str, float]:
         """Method statistics of the epoch just finished (logged with the epoch's metrics); reset in on_epoch_start."""

@@ -67,7 +67,6 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
-from kdpipe import distributed
 from kdpipe.distill.methods._hypergradient import (
     double_backward_error,
     exact_hypergradient,
@@ -322,7 +321,7 @@ class FusionRatioKD(KDMethod):
         outer, grads = self.hypergradient(images, targets, teacher_logits, val_images, val_targets)
         for w, g in zip(self.controller.parameters(), grads, strict=True):
             w.grad = g.detach()
-        distributed.average_gradients(self.controller.parameters())  # data parallel: the mean over ranks' shards
+        self.step_control.average(self.controller.parameters())  # data parallel: the mean over ranks' shards
         self._controller_opt.step()
         self.meta_steps += 1
         return outer

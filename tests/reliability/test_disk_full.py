@@ -101,7 +101,12 @@ def _first(writes: list[str], fragment: str) -> int:
 
 # The first write of each kind: the lock, the run files, an event, a training checkpoint, a stage's weights,
 # result.json, run.lock.json, the ONNX file, the benchmark report. Four of them run in the default suite.
-DEFAULT_POINTS = ["teacher/checkpoints/.last.pt", "distill/.model.safetensors", ".run.lock.json", "onnx/.model.fp32.onnx"]
+DEFAULT_POINTS = [
+    "teacher/checkpoints/.last.pt",
+    "distill/.model.safetensors",
+    ".run.lock.json",
+    "onnx/.model.fp32.onnx",
+]
 MORE_POINTS = [".kdpipe.pid", "resolved.yaml", "events.jsonl", "teacher/.result.json", "bench/"]
 
 

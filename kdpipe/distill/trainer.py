@@ -273,10 +273,22 @@ class Trainer:
         else:
             self.optimizer = self._optimizer_factory(self.method.optimized_parameters())
 
-    def _optimizer_factory(self, params: Any, lr: float | None = None, **overrides: Any) -> torch.optim.Optimizer:
+    def _optimizer_factory(
+        self,
+        params: Any,
+        lr: float | None = None,
+        *,
+        build: Callable[[list[nn.Parameter], float], torch.optim.Optimizer] | None = None,
+        **overrides: Any,
+    ) -> torch.optim.Optimizer:
+        """The optimizer of ``params``: the stage's (TrainConfig with ``overrides``), or ``build(params, lr)`` for one
+        of the method's own kind; either way its lr follows the stage's schedule from base lr ``lr``."""
         cfg = self.cfg.model_copy(update={"lr": self.cfg.lr if lr is None else lr, **overrides})
-        groups = fine_tuning_groups(list(params), getattr(self.method, "student", None), cfg)
-        optimizer = create_optimizer(groups, cfg, self.device)
+        if build is not None:
+            optimizer = build(list(params), cfg.lr)
+        else:
+            groups = fine_tuning_groups(list(params), getattr(self.method, "student", None), cfg)
+            optimizer = create_optimizer(groups, cfg, self.device)
         for group in optimizer.param_groups:
             # follows the schedule: lr = base_lr * lr_factor(epoch); lr_scale is the fine-tuning group's share
             group["base_lr"] = cfg.lr * group.get("lr_scale", 1.0)

@@ -24,9 +24,9 @@ it trains together with the student, from the teacher stage's weights or its ran
 switokd), or nothing ("none": ce, ffsd)."""
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
-"""``make(params, lr=None, **overrides)``: an optimizer built like the trainer's own (the stage's TrainConfig), with
-an optional base lr and field overrides (optimizer, momentum, nesterov, weight_decay). Its lr follows the stage's
-schedule."""
+"""``make(params, lr=None, *, build=None, **overrides)``: an optimizer built like the trainer's own (the stage's
+TrainConfig), with an optional base lr and field overrides (optimizer, momentum, nesterov, weight_decay), or
+``build(params, lr)`` for an optimizer of the method's own kind. The trainer schedules its lr either way."""
 
 
 Batch = tuple[Tensor, Tensor]

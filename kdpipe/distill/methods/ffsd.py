@@ -338,11 +338,12 @@ class FFSD(KDMethod):
         self._optimizers["leader"] = make([*self.student.parameters(), *self.trans_fusion.parameters()])
         named = {f"decoder{i}": d for i, d in enumerate(self.decoders, start=1)}
         named["decoder_leader"] = self.leader_decoder
-        for name, decoder in named.items():
-            adam = torch.optim.Adam(decoder.parameters(), lr=p.decoder_lr, weight_decay=p.decoder_weight_decay)
-            for group in adam.param_groups:
-                group["base_lr"] = p.decoder_lr  # the trainer schedules groups that carry base_lr
-            self._optimizers[name] = adam
+
+        def adam(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+            return torch.optim.Adam(params, lr=lr, weight_decay=p.decoder_weight_decay)
+
+        for name, decoder in named.items():  # Adam as the official code, on the stage's schedule
+            self._optimizers[name] = make(decoder.parameters(), lr=p.decoder_lr, build=adam)
 
     def warmup(self) -> float:
         return warmup_factor(self.epoch + 1, self.params.warmup_epochs)

@@ -210,14 +210,14 @@ class DistillStage(Stage):
 
 
 def _teacher_stage(name: str, config: Any, loaded: LoadedConfig) -> tuple[str, Any] | None:
-    """(name, config) of the teacher stage this distill stage will use: the first of its direct ``needs`` of type
-    teacher, else the nearest teacher stage above it (as ``StageContext.find`` resolves it at run time)."""
+    """(name, config) of the teacher stage this distill stage will use: the first of its direct ``needs`` that
+    provides "teacher", else the nearest such stage above it (as ``StageContext.find`` resolves it at run time)."""
     stages = loaded.config.stages
     names = list(stages)
     earlier = names[: names.index(name)]
     candidates = [n for n in (config.needs or ()) if n in earlier] + list(reversed(earlier))
     for candidate in candidates:
         stage = stages[candidate]
-        if getattr(stage, "type", None) == "teacher":
+        if "teacher" in STAGES.get(stage.type).provides:
             return candidate, stage
     return None

@@ -37,7 +37,8 @@ from kdpipe.progress import NullProgress, Progress
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "kdpipe-train-checkpoint/1"
+CHECKPOINT_FORMAT = "kdpipe-train-checkpoint/2"
+"""/2: methods keep their epoch statistics in an ``EpochStats`` submodule (state_dict keys ``stats.*``)."""
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
@@ -351,7 +352,13 @@ class Trainer:
             log.warning("ignoring unreadable checkpoint %s (%s); training from the start", path, exc)
             return 0, 0
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            log.warning("ignoring %s: not a kdpipe training checkpoint", path)
+            found = state.get("format") if isinstance(state, dict) else None
+            why = (
+                f"written in checkpoint format {found!r}, not {CHECKPOINT_FORMAT!r}"
+                if found
+                else "not a kdpipe training checkpoint"
+            )
+            log.warning("ignoring %s: %s; training from the start", path, why)
             return 0, 0
         if state.get("fingerprint") != self.fingerprint:
             log.info("checkpoint %s is from a different config; training from the start", path)

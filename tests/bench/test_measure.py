@@ -12,13 +12,13 @@ from torch import nn
 import kdpipe.bench  # noqa: F401  (registers the backends)
 from kdpipe.bench.measure import (
     BenchCell,
-    BenchTarget,
-    resolve_device,
     run_benchmark,
     summarize,
     time_iterations,
 )
 from kdpipe.bench.memory import MEMORY_SCOPES, PeakMemory
+from kdpipe.bench.target import BenchTarget
+from kdpipe.environment import resolve_device
 from kdpipe.errors import ConfigError
 from kdpipe.models.factory import create_model
 from kdpipe.registry import BACKENDS
@@ -192,10 +192,12 @@ def test_bad_settings_and_targets_are_config_errors(tiny: nn.Module) -> None:
 def test_resolve_device() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(ConfigError, match=r"not supported|unknown device"):
+    with pytest.raises(ConfigError, match=r"'tpu' is not a device"):
         resolve_device("tpu")
+    with pytest.raises(ConfigError, match=r"'meta' is not supported"):
+        resolve_device("meta")
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="no CUDA device"):
+        with pytest.raises(ConfigError, match="CUDA is not available here"):
             resolve_device("cuda")
 
 

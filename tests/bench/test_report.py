@@ -11,13 +11,13 @@ import pytest
 from kdpipe.bench.measure import BenchCell
 from kdpipe.bench.report import (
     FILES,
-    describe_environment,
     format_bytes,
     markdown_table,
     read_report,
     render_plot,
     write_report,
 )
+from kdpipe.environment import describe_environment
 from kdpipe.errors import DataError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -245,7 +245,7 @@ def test_teacher_frozen_adapters_optimized_and_deployable_plain() -> None:
     for part in (method.encoders, method.generators):
         assert part.parameters() and all(id(p) in optimized for p in part.parameters())
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
-    assert {k.split(".")[0] for k in method.state_dict()} == {"student", "encoders", "generators", "cka_ema"}
+    assert {k.split(".")[0] for k in method.state_dict()} == {"student", "encoders", "generators", "cka_ema", "stats"}
     deploy = method.deployable()
     assert deploy is method.student
     assert set(deploy.state_dict()) == set(create_model("resnet8", num_classes=10, in_chans=1).state_dict())

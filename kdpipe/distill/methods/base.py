@@ -12,6 +12,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kdpipe.config import StrictModel
+from kdpipe.distill.stats import EpochStats
 from kdpipe.distill.step import StepControl
 from kdpipe.registry import METHODS
 
@@ -209,8 +210,12 @@ class KDMethod(nn.Module):
         return self
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
-        """Called before each epoch (0-based); methods with warm-ups read ``self.epoch``/``self.epochs``."""
+        """Called before each epoch (0-based); methods with warm-ups read ``self.epoch``/``self.epochs``. Starts the
+        epoch of ``self.stats`` (an ``EpochStats``) when the method keeps one."""
         self.epoch, self.epochs = epoch, epochs
+        stats = getattr(self, "stats", None)
+        if isinstance(stats, EpochStats):
+            stats.begin(epoch)
 
     def optimized_parameters(self) -> list[nn.Parameter]:
         """What the trainer's optimizer updates: every trainable parameter not owned by :meth:`own_optimizers`."""

@@ -65,6 +65,7 @@ from torch import Tensor, nn
 
 from kdpipe.distill.methods.base import KDMethod, MethodContext, MethodParams, linear_ramp
 from kdpipe.distill.methods.kd import kd_loss
+from kdpipe.distill.stats import EpochStats
 from kdpipe.distill.taps import ConvAdapter, TapError, Taps, TapSpec, pair_stages, resize_to, select_stages, stage_specs
 from kdpipe.registry import METHODS
 
@@ -280,7 +281,6 @@ class DPK(KDMethod):
     Params = DPKParams
     params: DPKParams
     cka_ema: Tensor
-    _sums: Tensor
 
     def __init__(
         self,
@@ -323,8 +323,8 @@ class DPK(KDMethod):
         k = len(keep)
         # The EMA of CKA is state: a buffer, so checkpoints (and therefore resumes) carry it.
         self.register_buffer("cka_ema", torch.full((k,), 1.0 - p.initial_ratio))
-        # Epoch sums of (CKA, reconstruction loss) per stage and the step count; not checkpointed.
-        self.register_buffer("_sums", torch.zeros(3, k), persistent=False)
+        # Epoch sums of (CKA, reconstruction loss) per stage and the step count.
+        self.stats = EpochStats({"cka": (k,), "recon": (k,), "steps": ()})
         # Plain attributes: hooks only, so the teacher stays out of the module tree.
         self._teacher_taps = Taps(teacher, [t for t, _ in self.stage_pairs])
         self._student_taps = Taps(student, [s for _, s in self.stage_pairs])
@@ -397,22 +397,23 @@ class DPK(KDMethod):
         recon = torch.stack([self.stage_loss(k, s, t, ratios[k]) for k, (s, t) in pairs])
         if self.training:
             cka = self.update_ratios(s_maps, t_maps)
-            self._sums[0] += cka
-            self._sums[1] += recon.detach()
-            self._sums[2] += 1
+            self.stats.add("cka", cka)
+            self.stats.add("recon", recon)
+            self.stats.add("steps", 1.0)
         out = self.combine(s_logits, t_logits, targets, recon)
         out["logits"] = s_logits.detach()
         return out
 
-    def on_epoch_start(self, epoch: int, epochs: int) -> None:
-        super().on_epoch_start(epoch, epochs)
-        self._sums.zero_()
-
     def epoch_metrics(self) -> dict[str, float]:
-        steps = max(float(self._sums[2, 0]), 1.0)
+        steps = max(float(self.stats.total("steps")), 1.0)
         out: dict[str, float] = {}
         for k, (pi, cka, recon) in enumerate(
-            zip(self.ratios().tolist(), self._sums[0].tolist(), self._sums[1].tolist(), strict=True)
+            zip(
+                self.ratios().tolist(),
+                self.stats.total("cka").tolist(),
+                self.stats.total("recon").tolist(),
+                strict=True,
+            )
         ):
             out.update({f"pi_{k}": pi, f"cka_{k}": cka / steps, f"recon_{k}": recon / steps})
         return out

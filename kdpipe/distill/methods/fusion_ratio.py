@@ -74,6 +74,7 @@ from kdpipe.distill.methods._hypergradient import (
 )
 from kdpipe.distill.methods._hypergradient import widen as _wide
 from kdpipe.distill.methods.base import Batch, KDMethod, MethodContext, MethodParams
+from kdpipe.distill.stats import EpochStats
 from kdpipe.registry import METHODS
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ class FusionRatioKD(KDMethod):
         self._controller_opt = torch.optim.Adam(
             self.controller.parameters(), lr=p.controller_lr, weight_decay=p.controller_weight_decay
         )
-        self._stats: dict[str, list[Tensor]] = {}
+        self.stats = EpochStats({})  # α's distribution over the epoch is collected, not summed
         self._warned_lr = False
         self.hypergradient_mode = self._choose_hypergradient(ctx)
         """"exact" or "finite_difference": what ``params.hypergradient`` resolved to for this student."""
@@ -334,7 +335,7 @@ class FusionRatioKD(KDMethod):
     def training_step(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         teacher_logits = _wide(self.teacher_logits(images))
         if int(self.train_steps) % self.params.meta_every == 0:
-            self._record("meta_val_ce", self.meta_step(images, targets, teacher_logits).reshape(1))
+            self.stats.collect("meta_val_ce", self.meta_step(images, targets, teacher_logits).reshape(1))
         self.train_steps += 1
         student_logits = self.student(images)  # the only forward that moves BatchNorm running statistics
         with torch.autocast(images.device.type, enabled=False):
@@ -353,27 +354,20 @@ class FusionRatioKD(KDMethod):
 
     # -- per-epoch α statistics ----------------------------------------------------------------------------------
 
-    def _record(self, key: str, value: Tensor) -> None:
-        self._stats.setdefault(key, []).append(value.detach())
-
     def _record_alpha(self, alpha: Tensor, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> None:
         s = torch.softmax(_wide(student_logits), dim=1)
         t = torch.softmax(teacher_logits, dim=1)
-        self._record("alpha", alpha.float())
-        self._record("teacher_right", teacher_logits.argmax(1) == targets)
-        self._record("st_distance", (t - s).norm(dim=1).float())
-
-    def on_epoch_start(self, epoch: int, epochs: int) -> None:
-        super().on_epoch_start(epoch, epochs)
-        self._stats = {}
+        self.stats.collect("alpha", alpha.float())
+        self.stats.collect("teacher_right", teacher_logits.argmax(1) == targets)
+        self.stats.collect("st_distance", (t - s).norm(dim=1).float())
 
     def epoch_metrics(self) -> dict[str, float]:
         """α distribution of the epoch's real steps, and the mean validation CE of its meta steps (nan if none)."""
-        if "alpha" not in self._stats:
+        if not self.stats.collected("alpha"):
             return {}
-        alpha = torch.cat(self._stats["alpha"]).cpu()
-        right = torch.cat(self._stats["teacher_right"]).cpu()
-        dist = torch.cat(self._stats["st_distance"]).cpu()
+        alpha = torch.cat(self.stats.collected("alpha")).cpu()
+        right = torch.cat(self.stats.collected("teacher_right")).cpu()
+        dist = torch.cat(self.stats.collected("st_distance")).cpu()
         q = torch.quantile(alpha, torch.tensor([0.1, 0.5, 0.9]))
         out = {
             "alpha_mean": float(alpha.mean()),
@@ -393,7 +387,7 @@ class FusionRatioKD(KDMethod):
             out["alpha_right_large_st"] = _mean(a_right[order[-k:]])
         else:
             out["alpha_right_small_st"] = out["alpha_right_large_st"] = float("nan")
-        meta = self._stats.get("meta_val_ce")
+        meta = self.stats.collected("meta_val_ce")
         out["meta_val_ce"] = float(torch.cat(meta).mean()) if meta else float("nan")
         return out
 

@@ -71,6 +71,7 @@ from kdpipe.distill.methods._stage_pairs import StagePair, pair_by_stride, unpai
 from kdpipe.distill.methods._stages import StageExecutor, create_executor
 from kdpipe.distill.methods.base import KDMethod, MethodContext, MethodParams
 from kdpipe.distill.methods.kd import kd_loss
+from kdpipe.distill.stats import EpochStats
 from kdpipe.distill.taps import ConvAdapter, resize_to
 from kdpipe.registry import METHODS
 
@@ -257,7 +258,7 @@ class IAKD(KDMethod):
             for pair in self.pairs
         )
         self.has_adapters = any(a.maps_in or a.maps_out for a in self.adapters)
-        self._reset_stats()
+        self.stats = EpochStats({"steps": (), "swapped": (), "correct": (), "seen": ()})
 
     @classmethod
     def check_pair(cls, params: MethodParams, student: str, teacher: str | None) -> None:
@@ -377,20 +378,16 @@ class IAKD(KDMethod):
             out["loss"] = out["loss"] + self.params.hint_weight * hint
             out["hint"] = hint.detach()
         out["logits"] = logits.detach()
-        self._steps += 1
-        self._swapped += sum(swaps)
-        self._correct += int((out["logits"].argmax(1) == targets).sum())
-        self._seen += targets.numel()
+        self.stats.add("steps", 1.0)
+        self.stats.add("swapped", float(sum(swaps)))
+        self.stats.add("correct", (out["logits"].argmax(1) == targets).sum())
+        self.stats.add("seen", float(targets.numel()))
         return out
 
     # -- logging ---------------------------------------------------------------------------------------------------
 
-    def _reset_stats(self) -> None:
-        self._steps = self._swapped = self._correct = self._seen = 0
-
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         super().on_epoch_start(epoch, epochs)
-        self._reset_stats()
         never = all(swap_probability(e, epochs, self.params, self.warmup_epochs) == 0 for e in range(epochs))
         if epoch == 0 and self.params.p0 > 0 and never:
             log.warning(
@@ -405,6 +402,6 @@ class IAKD(KDMethod):
         n = len(self.pairs)
         return {
             "swap_p": self.swap_p,
-            "swap_fraction": self._swapped / max(1, self._steps * n),
-            "hybrid_top1": self._correct / max(1, self._seen),
+            "swap_fraction": float(self.stats.total("swapped")) / max(1.0, float(self.stats.total("steps")) * n),
+            "hybrid_top1": float(self.stats.total("correct")) / max(1.0, float(self.stats.total("seen"))),
         }

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 from kdpipe.distill.methods.base import KDMethod, MethodContext, MethodParams, OptimizerFactory
 from kdpipe.distill.methods.kd import kd_loss
+from kdpipe.distill.stats import EpochStats
 from kdpipe.registry import METHODS
 
 Mode = Literal["switch", "expert", "learning"]
@@ -213,11 +214,8 @@ class SwitOKD(KDMethod):
         self.teacher_names = ["teacher"] + (["teacher2"] if self.teacher2 is not None else [])
         self.student_names = ["student"] + (["student2"] if self.student2 is not None else [])
         self.pairs = [(t, s) for t in self.teacher_names for s in self.student_names]
-        # Per pair: batches, expert batches, then the sums of _STATS; per teacher: paused batches; the epoch they
-        # belong to. Buffers, so a checkpoint taken mid-epoch carries them.
-        self.register_buffer("switch_totals", torch.zeros(len(self.pairs), 2 + len(_STATS), dtype=torch.float64))
-        self.register_buffer("paused_totals", torch.zeros(len(self.teacher_names), dtype=torch.float64))
-        self.register_buffer("totals_epoch", torch.tensor(-1))
+        # Per pair: batches, expert batches, then the sums of _STATS; per teacher: paused batches.
+        self.stats = EpochStats({"switch": (len(self.pairs), 2 + len(_STATS)), "paused": (len(self.teacher_names),)})
 
     def networks(self) -> dict[str, nn.Module]:
         nets: dict[str, nn.Module] = {"teacher": self.joint_teacher}
@@ -242,13 +240,6 @@ class SwitOKD(KDMethod):
         lrs["student2"] = p.second_lr or p.student_lr
         for name, net in self.networks().items():
             self._optimizers[name] = make(net.parameters(), lr=lrs[name])
-
-    def on_epoch_start(self, epoch: int, epochs: int) -> None:
-        super().on_epoch_start(epoch, epochs)
-        if int(self.totals_epoch) != epoch:  # equal when resuming mid-epoch: keep the restored totals
-            self.switch_totals.zero_()
-            self.paused_totals.zero_()
-            self.totals_epoch.fill_(epoch)
 
     def switches(self, logits: dict[str, Tensor], targets: Tensor) -> list[Switch]:
         """The decision of every (teacher, student) pair in ``self.pairs`` order, from the global batch."""
@@ -287,11 +278,11 @@ class SwitOKD(KDMethod):
 
     def _record(self, switches: list[Switch], expert: list[bool], paused: list[bool]) -> None:
         rows = [[1.0, float(e), *(getattr(sw, k) for k in _STATS)] for sw, e in zip(switches, expert, strict=True)]
-        self.switch_totals += torch.tensor(rows, dtype=torch.float64, device=self.switch_totals.device)
-        self.paused_totals += torch.tensor(paused, dtype=torch.float64, device=self.paused_totals.device)
+        self.stats.add("switch", rows)
+        self.stats.add("paused", [float(p) for p in paused])
 
     def epoch_metrics(self) -> dict[str, float]:
-        totals = self.switch_totals.cpu().tolist()
+        totals = self.stats.total("switch").cpu().tolist()
         multi = len(self.pairs) > 1
         metrics: dict[str, float] = {}
         for (t, s), (batches, experts, *sums) in zip(self.pairs, totals, strict=True):
@@ -302,6 +293,6 @@ class SwitOKD(KDMethod):
             metrics.update({f"{k}{suffix}": v / batches for k, v in zip(_STATS, sums, strict=True)})
         batches = totals[0][0] if totals else 0.0
         if multi and batches > 0:
-            for t, paused in zip(self.teacher_names, self.paused_totals.cpu().tolist(), strict=True):
+            for t, paused in zip(self.teacher_names, self.stats.total("paused").cpu().tolist(), strict=True):
                 metrics[f"paused_frac_{t}"] = paused / batches
         return metrics

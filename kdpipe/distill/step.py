@@ -9,13 +9,33 @@ writing attributes into the method. A method built outside a trainer (a test, a 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from kdpipe import distributed
+
+Build = Callable[[list[nn.Parameter], float], torch.optim.Optimizer]
+"""``build(params, lr)``: an optimizer of a method's own kind (Adam for FFSD's decoders, fusion_ratio's controller)."""
+
+
+@dataclass
+class OptimizerSpec:
+    """An optimizer a method steps itself, as the method declares it (``KDMethod.optimizer_specs``); the trainer
+    builds it, schedules its lr, checkpoints it and hands it back in ``StepControl.optimizers``."""
+
+    params: list[nn.Parameter]
+    lr: float | None = None
+    """Base lr (None: the stage's train.lr)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """TrainConfig fields for this optimizer (weight_decay, optimizer, momentum, nesterov)."""
+    build: Build | None = None
+    """An optimizer of the method's own kind instead of the stage's."""
+    scheduled: bool = True
+    """Its lr follows the stage's schedule (False: a fixed lr, e.g. a meta-learned controller's)."""
 
 
 @dataclass
@@ -29,6 +49,10 @@ class StepControl:
     epoch: int = 0
     """The current epoch, 0-based."""
     epochs: int = 1
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    """The method's own optimizers (from its ``optimizer_specs``), built by the trainer, by name."""
+    bound: bool = False
+    """True once a trainer owns this control; an unbound one builds the optimizers itself (``plain_optimizers``)."""
 
     def average(self, params: Iterable[nn.Parameter]) -> None:
         """Average ``params``' gradients over data-parallel ranks (nothing in one process): before every step."""
@@ -47,3 +71,13 @@ class StepControl:
             loss.backward()
             self.average(params)
             optimizer.step()
+
+
+def plain_optimizers(specs: dict[str, OptimizerSpec], lr: float) -> dict[str, torch.optim.Optimizer]:
+    """The optimizers of ``specs`` for a method used without a trainer (a test, a notebook): ``build`` where a spec
+    has one, else SGD with momentum 0.9 at the spec's lr (or ``lr``)."""
+    out: dict[str, torch.optim.Optimizer] = {}
+    for name, spec in specs.items():
+        rate = spec.lr if spec.lr is not None else lr
+        out[name] = spec.build(spec.params, rate) if spec.build else torch.optim.SGD(spec.params, lr=rate, momentum=0.9)
+    return out

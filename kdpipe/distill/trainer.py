@@ -265,12 +265,18 @@ class Trainer:
             sync_batchnorm(self.method, self.world, device)
         distributed.broadcast_state(self.method)  # every rank starts from rank 0's weights
         self.optimizer: torch.optim.Optimizer | None = None
-        self.control = StepControl(scaler=self.scaler, epochs=cfg.epochs)
+        # The trainer builds every optimizer: its own for what the method does not declare, and the method's
+        # declared ones (optimizer_specs), which it hands back through the StepControl.
+        specs = method.optimizer_specs()
+        own = {
+            name: self._optimizer_factory(s.params, s.lr, build=s.build, scheduled=s.scheduled, **s.overrides)
+            for name, s in specs.items()
+        }
+        self.control = StepControl(scaler=self.scaler, epochs=cfg.epochs, optimizers=own, bound=True)
         method.bind(self.control)
         if method.manual_optimization:
-            method.configure_optimizers(self._optimizer_factory)
-            if not method.own_optimizers():
-                raise TypeError(f"{type(method).__name__} optimizes manually but configure_optimizers made none")
+            if not own:
+                raise TypeError(f"{type(method).__name__} optimizes manually but declares no optimizer_specs")
         else:
             self.optimizer = self._optimizer_factory(self.method.optimized_parameters())
 
@@ -280,17 +286,19 @@ class Trainer:
         lr: float | None = None,
         *,
         build: Callable[[list[nn.Parameter], float], torch.optim.Optimizer] | None = None,
+        scheduled: bool = True,
         **overrides: Any,
     ) -> torch.optim.Optimizer:
         """The optimizer of ``params``: the stage's (TrainConfig with ``overrides``), or ``build(params, lr)`` for one
-        of the method's own kind; either way its lr follows the stage's schedule from base lr ``lr``."""
+        of the method's own kind. ``scheduled``: its lr follows the stage's schedule from base lr ``lr`` (the groups
+        carry ``base_lr``, which ``_begin_epoch`` scales); else it stays at ``lr``."""
         cfg = self.cfg.model_copy(update={"lr": self.cfg.lr if lr is None else lr, **overrides})
         if build is not None:
             optimizer = build(list(params), cfg.lr)
         else:
             groups = fine_tuning_groups(list(params), getattr(self.method, "student", None), cfg)
             optimizer = create_optimizer(groups, cfg, self.device)
-        for group in optimizer.param_groups:
+        for group in optimizer.param_groups if scheduled else ():
             # follows the schedule: lr = base_lr * lr_factor(epoch); lr_scale is the fine-tuning group's share
             group["base_lr"] = cfg.lr * group.get("lr_scale", 1.0)
             group["lr"] = group["base_lr"]

@@ -49,7 +49,7 @@ def test_an_online_method_steps_every_network_through_the_bound_control(digits: 
     method = create_method(DMLParams(), digits.student(), digits.student(seed=1), digits.context())
     control = Recording()
     method.bind(control)
-    method.configure_optimizers(lambda params, lr=None, **_: torch.optim.SGD(params, lr=0.05))
+    assert set(method.own_optimizers()) == {"teacher", "student"}  # built plainly from its specs, unbound
     images, targets = next(iter(loaders(digits.splits, 32)[0]))
     method.training_step(images, targets)
     assert control.applied == 2 and control.averaged == 2  # teacher and student, each averaged before its step
@@ -69,3 +69,23 @@ def test_the_trainer_binds_its_control_and_sets_the_schedule_in_it(digits: Digit
     assert method.step_control.scaler is not None  # the trainer's own (disabled on CPU)
     assert [e for e, _ in seen] == [0, 1]
     assert [lr for _, lr in seen] == [row["lr"] for row in result.history] and seen[0][1] == 0.05 > seen[1][1]
+
+
+def test_the_trainer_builds_the_declared_optimizers_on_its_schedule(digits: DigitsRun, tmp_path: Path) -> None:
+    """A method declares its optimizers (optimizer_specs); the trainer builds them with the stage's settings and
+    schedule and hands them back. fusion_ratio's controller is declared unscheduled: its lr stays fixed."""
+    from kdpipe.distill.methods.fusion_ratio import FusionRatioParams
+
+    dml = create_method(DMLParams(), digits.student(), digits.student(seed=1), digits.context())
+    history = fit(dml, digits.splits, tmp_path / "dml", epochs=2, lr=0.05).history
+    opts = dml.own_optimizers()
+    assert dml.step_control.bound and set(opts) == {"teacher", "student"}
+    assert all(isinstance(o, torch.optim.SGD) for o in opts.values())  # the stage's optimizer, not a default
+    assert all(g["lr"] == history[-1]["lr"] < 0.05 for o in opts.values() for g in o.param_groups)  # scheduled
+
+    fr = create_method(FusionRatioParams(controller_lr=1e-3), digits.student(), digits.teacher, digits.context())
+    fit(fr, digits.splits, tmp_path / "fr", epochs=2, lr=0.05)
+    controller = fr.optimizer("controller")
+    assert isinstance(controller, torch.optim.Adam) and controller.param_groups[0]["lr"] == 1e-3  # fixed
+    assert "base_lr" not in controller.param_groups[0]
+    assert not {id(p) for p in fr.controller.parameters()} & {id(p) for p in fr.optimized_parameters()}

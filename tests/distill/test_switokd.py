@@ -160,7 +160,10 @@ def method_with(params: SwitOKDParams, teacher: nn.Module, student: nn.Module, *
     assert isinstance(method, SwitOKD)
     for name, net in extra.items():
         setattr(method, name, net)
-    method.configure_optimizers(sgd())
+    # the optimizers a trainer would build from the declared specs, here with a plain SGD factory
+    make = sgd()
+    specs = method.optimizer_specs()
+    method.step_control.optimizers = {name: make(s.params, lr=s.lr) for name, s in specs.items()}
     return method.train()
 
 

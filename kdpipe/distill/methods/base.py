@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from kdpipe.config import StrictModel
 from kdpipe.distill.stats import EpochStats
-from kdpipe.distill.step import StepControl
+from kdpipe.distill.step import OptimizerSpec, StepControl, plain_optimizers
 from kdpipe.registry import METHODS
 
 if TYPE_CHECKING:
@@ -23,11 +23,6 @@ TeacherRole = Literal["frozen", "joint", "none"]
 """What a method needs from the teacher stage: a trained teacher it keeps frozen ("frozen": kd, dkd, ...), a network
 it trains together with the student, from the teacher stage's weights or its random initialisation ("joint": dml,
 switokd), or nothing ("none": ce, ffsd)."""
-
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
-"""``make(params, lr=None, *, build=None, **overrides)``: an optimizer built like the trainer's own (the stage's
-TrainConfig), with an optional base lr and field overrides (optimizer, momentum, nesterov, weight_decay), or
-``build(params, lr)`` for an optimizer of the method's own kind. The trainer schedules its lr either way."""
 
 
 Batch = tuple[Tensor, Tensor]
@@ -129,7 +124,7 @@ class KDMethod(nn.Module):
     """True for methods that learn from a held-out split (data.val_fraction must be > 0)."""
     manual_optimization: ClassVar[bool] = False
     """True for methods that step their own optimizers inside :meth:`training_step` (online methods: which network
-    is updated depends on the batch). They create them in :meth:`configure_optimizers` and call
+    is updated depends on the batch). They declare them in :meth:`optimizer_specs` and call
     :meth:`backward_step`; the trainer then neither backpropagates nor steps."""
 
     def __init__(
@@ -147,7 +142,6 @@ class KDMethod(nn.Module):
         self.params = params
         self.student = student
         self.context = context
-        self._optimizers: dict[str, torch.optim.Optimizer] = {}
         self.step_control = StepControl()
         """The trainer's side of a step (loss scaling, gradient averaging, the schedule); bound by the trainer."""
         # A plain attribute inside a tuple: not a registered submodule, so the teacher never enters
@@ -218,18 +212,26 @@ class KDMethod(nn.Module):
             stats.begin(epoch)
 
     def optimized_parameters(self) -> list[nn.Parameter]:
-        """What the trainer's optimizer updates: every trainable parameter not owned by :meth:`own_optimizers`."""
-        owned = {id(p) for opt in self.own_optimizers().values() for g in opt.param_groups for p in g["params"]}
+        """What the trainer's optimizer updates: every trainable parameter not declared in :meth:`optimizer_specs`."""
+        owned = {id(p) for spec in self.optimizer_specs().values() for p in spec.params}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in owned]
 
-    def own_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """Optimizers the method steps itself (e.g. a meta-learned controller, or every network of an online
-        method); the trainer checkpoints them, and sets the lr of those made by its factory every epoch."""
-        return self._optimizers
+    def optimizer_specs(self) -> dict[str, OptimizerSpec]:
+        """The optimizers this method steps itself, declared by name (every network of an online method, a
+        meta-learned controller): the trainer builds them with the stage's settings, schedules and checkpoints
+        them, and hands them back in ``step_control.optimizers`` (see :meth:`optimizer`)."""
+        return {}
 
-    def configure_optimizers(self, make: OptimizerFactory) -> None:
-        """Manual-optimization methods create their optimizers here with ``make`` (see :data:`OptimizerFactory`) and
-        store them in ``self._optimizers``; called by the trainer once, before a checkpoint is restored."""
+    def own_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The built optimizers of :meth:`optimizer_specs`, by name (built plainly on first use without a trainer)."""
+        control = self.step_control
+        if not control.bound and not control.optimizers:
+            control.optimizers = plain_optimizers(self.optimizer_specs(), control.lr)
+        return control.optimizers
+
+    def optimizer(self, name: str) -> torch.optim.Optimizer:
+        """The optimizer declared as ``name`` in :meth:`optimizer_specs`."""
+        return self.own_optimizers()[name]
 
     def networks(self) -> dict[str, nn.Module]:
         """Every network this method trains, by name; each is evaluated every epoch. ``deployed_network`` names

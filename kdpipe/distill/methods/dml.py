@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveFloat
 from torch import Tensor, nn
 
-from kdpipe.distill.methods.base import KDMethod, MethodContext, MethodParams, OptimizerFactory
+from kdpipe.distill.methods.base import KDMethod, MethodContext, MethodParams
 from kdpipe.distill.methods.kd import kd_loss
+from kdpipe.distill.step import OptimizerSpec
 from kdpipe.registry import METHODS
 
 
@@ -78,17 +79,18 @@ class DML(KDMethod):
             return self.params.extra_peers[int(name[4:]) - 1]
         return super().network_arch(name)
 
-    def configure_optimizers(self, make: OptimizerFactory) -> None:
-        for name, net in self.networks().items():
-            lr = self.params.teacher_lr if name == "teacher" else None
-            self._optimizers[name] = make(net.parameters(), lr=lr)
+    def optimizer_specs(self) -> dict[str, OptimizerSpec]:
+        return {
+            name: OptimizerSpec(list(net.parameters()), lr=self.params.teacher_lr if name == "teacher" else None)
+            for name, net in self.networks().items()
+        }
 
     def training_step(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         nets = self.networks()
         logits = [net(images) for net in nets.values()]  # every forward before any update
         losses = mutual_losses(logits, targets, self.params.temperature, self.params.kd_weight)
         for name, loss in zip(nets, losses, strict=True):
-            self.backward_step(loss, self._optimizers[name])
+            self.backward_step(loss, self.optimizer(name))
         out = {f"loss_{name}": loss.detach() for name, loss in zip(nets, losses, strict=True)}
         out["loss"] = torch.stack([loss.detach() for loss in losses]).sum()
         out["logits"] = logits[list(nets).index(self.deployed_network)].detach()

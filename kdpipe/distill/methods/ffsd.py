@@ -63,9 +63,10 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveFloat
 from torch import Tensor, nn
 
-from kdpipe.distill.methods.base import KDMethod, MethodContext, MethodParams, OptimizerFactory
+from kdpipe.distill.methods.base import KDMethod, MethodContext, MethodParams
 from kdpipe.distill.methods.dml import mutual_losses
 from kdpipe.distill.methods.kd import kd_loss
+from kdpipe.distill.step import OptimizerSpec
 from kdpipe.distill.taps import TapError, Taps, TapSpec, resize_to, select_stages, stage_specs
 from kdpipe.registry import METHODS
 
@@ -330,12 +331,13 @@ class FFSD(KDMethod):
     def network_arch(self, name: str) -> str:
         return self.context.student_name if self.context is not None else ""
 
-    def configure_optimizers(self, make: OptimizerFactory) -> None:
+    def optimizer_specs(self) -> dict[str, OptimizerSpec]:
         p = self.params
-        for i, s in enumerate(self.students):
-            self._optimizers[f"student{i}"] = make(s.parameters())
-        self._optimizers["fusion"] = make(self.fusion.parameters(), weight_decay=p.fusion_weight_decay)
-        self._optimizers["leader"] = make([*self.student.parameters(), *self.trans_fusion.parameters()])
+        specs = {f"student{i}": OptimizerSpec(list(s.parameters())) for i, s in enumerate(self.students)}
+        specs["fusion"] = OptimizerSpec(
+            list(self.fusion.parameters()), overrides={"weight_decay": p.fusion_weight_decay}
+        )
+        specs["leader"] = OptimizerSpec([*self.student.parameters(), *self.trans_fusion.parameters()])
         named = {f"decoder{i}": d for i, d in enumerate(self.decoders, start=1)}
         named["decoder_leader"] = self.leader_decoder
 
@@ -343,7 +345,8 @@ class FFSD(KDMethod):
             return torch.optim.Adam(params, lr=lr, weight_decay=p.decoder_weight_decay)
 
         for name, decoder in named.items():  # Adam as the official code, on the stage's schedule
-            self._optimizers[name] = make(decoder.parameters(), lr=p.decoder_lr, build=adam)
+            specs[name] = OptimizerSpec(list(decoder.parameters()), lr=p.decoder_lr, build=adam)
+        return specs
 
     def warmup(self) -> float:
         return warmup_factor(self.epoch + 1, self.params.warmup_epochs)
@@ -403,7 +406,7 @@ class FFSD(KDMethod):
         named = {f"student{i}": loss for i, loss in enumerate(step.students)}
         named |= {"fusion": step.fusion, "leader": step.leader, **step.decoders}
         for name, loss in named.items():  # students, Φ, leader, decoders: the official order
-            self.backward_step(loss, self._optimizers[name])
+            self.backward_step(loss, self.optimizer(name))
         out = {f"loss_{name}": loss.detach() for name, loss in named.items()}
         out["loss"] = torch.stack([_wide(loss.detach()) for loss in named.values()]).sum()
         out["logits"] = step.leader_logits.detach()

@@ -75,6 +75,7 @@ from kdpipe.distill.methods._hypergradient import (
 from kdpipe.distill.methods._hypergradient import widen as _wide
 from kdpipe.distill.methods.base import Batch, KDMethod, MethodContext, MethodParams
 from kdpipe.distill.stats import EpochStats
+from kdpipe.distill.step import OptimizerSpec
 from kdpipe.registry import METHODS
 
 log = logging.getLogger(__name__)
@@ -178,9 +179,6 @@ class FusionRatioKD(KDMethod):
         self.register_buffer("class_mean", self._teacher_class_mean(ctx).to(device))
         self.register_buffer("meta_steps", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long, device=device))
-        self._controller_opt = torch.optim.Adam(
-            self.controller.parameters(), lr=p.controller_lr, weight_decay=p.controller_weight_decay
-        )
         self.stats = EpochStats({})  # α's distribution over the epoch is collected, not summed
         self._warned_lr = False
         self.hypergradient_mode = self._choose_hypergradient(ctx)
@@ -323,14 +321,24 @@ class FusionRatioKD(KDMethod):
         for w, g in zip(self.controller.parameters(), grads, strict=True):
             w.grad = g.detach()
         self.step_control.average(self.controller.parameters())  # data parallel: the mean over ranks' shards
-        self._controller_opt.step()
+        self.optimizer("controller").step()
         self.meta_steps += 1
         return outer
 
     # -- KDMethod ------------------------------------------------------------------------------------------------
 
-    def own_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"controller": self._controller_opt}
+    def optimizer_specs(self) -> dict[str, OptimizerSpec]:
+        p = self.params
+
+        def adam(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+            return torch.optim.Adam(params, lr=lr, weight_decay=p.controller_weight_decay)
+
+        # Adam at a fixed lr (spec §3.7): the controller is not on the student's schedule
+        return {
+            "controller": OptimizerSpec(
+                list(self.controller.parameters()), lr=p.controller_lr, build=adam, scheduled=False
+            )
+        }
 
     def training_step(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         teacher_logits = _wide(self.teacher_logits(images))

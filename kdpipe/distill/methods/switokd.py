@@ -57,9 +57,10 @@ import torch.nn.functional as F
 from pydantic import PositiveFloat, field_validator, model_validator
 from torch import Tensor, nn
 
-from kdpipe.distill.methods.base import KDMethod, MethodContext, MethodParams, OptimizerFactory
+from kdpipe.distill.methods.base import KDMethod, MethodContext, MethodParams
 from kdpipe.distill.methods.kd import kd_loss
 from kdpipe.distill.stats import EpochStats
+from kdpipe.distill.step import OptimizerSpec
 from kdpipe.registry import METHODS
 
 Mode = Literal["switch", "expert", "learning"]
@@ -233,13 +234,12 @@ class SwitOKD(KDMethod):
             return self.params.second_student or ""
         return super().network_arch(name)
 
-    def configure_optimizers(self, make: OptimizerFactory) -> None:
+    def optimizer_specs(self) -> dict[str, OptimizerSpec]:
         p = self.params
         lrs = {"teacher": p.teacher_lr, "student": p.student_lr}
         lrs["teacher2"] = p.second_lr or p.teacher_lr
         lrs["student2"] = p.second_lr or p.student_lr
-        for name, net in self.networks().items():
-            self._optimizers[name] = make(net.parameters(), lr=lrs[name])
+        return {name: OptimizerSpec(list(net.parameters()), lr=lrs[name]) for name, net in self.networks().items()}
 
     def switches(self, logits: dict[str, Tensor], targets: Tensor) -> list[Switch]:
         """The decision of every (teacher, student) pair in ``self.pairs`` order, from the global batch."""
@@ -267,7 +267,7 @@ class SwitOKD(KDMethod):
         names = [*self.teacher_names, *self.student_names]
         for name, loss in zip(names, [*teacher_losses, *student_losses], strict=True):
             if loss is not None:  # a paused teacher: no backward, no step; its graph is dropped with `logits`
-                self.backward_step(loss, self._optimizers[name])
+                self.backward_step(loss, self.optimizer(name))
                 stepped.append(loss.detach())
             out[f"loss_{name}"] = loss.detach() if loss is not None else torch.zeros((), device=images.device)
             out[f"ce_{name}"] = F.cross_entropy(logits[name].detach().float(), targets)

@@ -39,6 +39,7 @@ _CORE = (("torch", "torch"), ("torchvision", "torchvision"), ("timm", "timm"), (
 _EXPORT = (("onnx", "onnx"), ("onnxruntime", "onnxruntime"), ("onnxslim", "onnxslim"))
 # (label, distributions): only looked up, not imported (importing mlflow takes seconds)
 _TRACKING = (("mlflow", ("mlflow", "mlflow-skinny")), ("tensorboard", ("tensorboard",)))
+_LOOKED_UP = (("modelopt", ("nvidia-modelopt",)),)  # the qad stage's quantizer (export extra); slow to import
 REQUIRE_CHOICES = ("cuda", "tensorrt", "onnx", "onnxruntime-cuda", "mlflow", "tensorboard")
 
 
@@ -107,7 +108,7 @@ def facts() -> dict[str, Any]:
         "version": trt,
         "error": None if trt else "installed but does not import" if module_available("tensorrt") else "not installed",
     }
-    packages.update({label: _distribution_version(dists) for label, dists in _TRACKING})
+    packages.update({label: _distribution_version(dists) for label, dists in (*_LOOKED_UP, *_TRACKING)})
     providers: list[str] = []
     if packages["onnxruntime"]["version"]:
         import onnxruntime

@@ -15,7 +15,7 @@ from typing import Any
 from kdpipe.errors import ConfigError, KdpipeError
 
 # How to install what an optional feature needs: the one text every error, requirement and `kdpipe doctor` line uses.
-EXPORT_HINT = 'pip install "kdpipe[export]" (onnx, onnxruntime, onnxslim, tritonclient[grpc], matplotlib)'
+EXPORT_HINT = 'pip install "kdpipe[export]" (onnx, onnxruntime, onnxslim, tritonclient[grpc], nvidia-modelopt, ...)'
 TRACKING_HINT = 'pip install "kdpipe[tracking]" (mlflow-skinny and tensorboard)'
 TENSORRT_HINT = "pip install tensorrt on a machine with an NVIDIA GPU and CUDA, or choose another format or backend"
 

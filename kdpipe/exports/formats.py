@@ -88,6 +88,9 @@ class ExportFormat:
     """Default gates: max |logit diff| (None: not gated), top-1 agreement with PyTorch, top-1 drop."""
     Params: ClassVar[type[BaseModel]] = NoParams
     triton_platform: ClassVar[str | None] = "onnxruntime_onnx"
+    made_by: ClassVar[str | None] = None
+    """The stage type that produces this format's artifacts when an export stage cannot (``qad`` trains before it
+    exports); the export stage refuses such a format and names that stage type."""
 
     def export(self, job: ExportJob) -> Path:
         """Write the artifact (suffix ``self.suffix``) into ``job.out_dir`` and return its path."""

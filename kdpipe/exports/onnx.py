@@ -253,10 +253,10 @@ def _ort_logits(serialized: bytes, x: np.ndarray) -> np.ndarray:
     return run_onnx(session, x, batch_size=len(x))
 
 
-def _close(a: np.ndarray, b: np.ndarray) -> tuple[bool, float, float]:
+def _close(a: np.ndarray, b: np.ndarray, rtol: float = _CHECK_RTOL) -> tuple[bool, float, float]:
     """Whether two logit arrays agree within the export tolerance, the max |diff| and the allowed |diff|."""
     diff = float(np.max(np.abs(a - b))) if a.shape == b.shape else float("inf")
-    allowed = _CHECK_ATOL + _CHECK_RTOL * float(np.max(np.abs(b)))
+    allowed = _CHECK_ATOL + rtol * float(np.max(np.abs(b)))
     return diff <= allowed, diff, allowed
 
 
@@ -294,6 +294,8 @@ def export_onnx(
     input_name: str = "input",
     output_name: str = "logits",
     metadata: dict[str, str] | None = None,
+    precision: str = "fp32",
+    check_rtol: float | None = None,
 ) -> OnnxExport:
     """Export ``model`` (a copy, in eval mode, on CPU, in fp32) to ``path`` and prove the file works.
 
@@ -303,6 +305,10 @@ def export_onnx(
     batch 1 and ``check_batch`` (dynamic) and compares with torch on the same random input, within 1e-3 of the
     logit scale. A static export must run batch 1 and reject batch ``max(check_batch, 2)``. Only then is the file
     written, atomically, so a failed export never leaves a file behind. Every failure is an ``ExportError``.
+
+    ``precision`` is recorded in the metadata (``int8-qdq`` for a fake-quantized model, whose Q/DQ nodes export as
+    QuantizeLinear/DequantizeLinear); ``check_rtol`` replaces the 1e-3 check tolerance (relative to the logit scale)
+    where integer kernels round differently from the float emulation that was traced.
     """
     check_opset(opset)
     if dynamic_batch and check_batch < 2:
@@ -338,7 +344,7 @@ def export_onnx(
         onnx_model,
         {
             "kdpipe.version": __version__,
-            "kdpipe.precision": "fp32",
+            "kdpipe.precision": precision,
             "kdpipe.input_name": input_name,
             "kdpipe.output_name": output_name,
             "kdpipe.dynamic_batch": "true" if dynamic_batch else "false",
@@ -347,7 +353,7 @@ def export_onnx(
         },
     )
     serialized = onnx_model.SerializeToString()
-    checked = _check_batches(net, serialized, preprocessing, dynamic_batch, check_batch)
+    checked = _check_batches(net, serialized, preprocessing, dynamic_batch, check_batch, check_rtol or _CHECK_RTOL)
 
     onnx_mod = require_module("onnx")
     atomic_write_with(path, lambda tmp: onnx_mod.save_model(onnx_model, str(tmp)))
@@ -400,7 +406,7 @@ def _within_float32_error(
 
 
 def _check_batches(
-    net: nn.Module, serialized: bytes, preprocessing: Preprocessing, dynamic: bool, check_batch: int
+    net: nn.Module, serialized: bytes, preprocessing: Preprocessing, dynamic: bool, check_batch: int, rtol: float
 ) -> tuple[int, ...]:
     """Run the serialized model in onnxruntime and compare with torch; returns the batch sizes that passed."""
     session = create_onnx_session(serialized, providers=["CPUExecutionProvider"])
@@ -417,7 +423,7 @@ def _check_batches(
                 f"the exported graph does not run at batch {batch}: {exc.message}",
                 hint="the model probably fixes the batch size (x.view(N, -1), int(x.shape[0])); use x.flatten(1)",
             ) from exc
-        ok, diff, allowed = _close(got, expected)
+        ok, diff, allowed = _close(got, expected, rtol)
         if not ok and not _within_float32_error(net, x, got, expected, diff, allowed):
             raise ExportError(
                 f"onnxruntime and torch disagree at batch {batch}: max |logit diff| {diff:.3g} > {allowed:.3g}",

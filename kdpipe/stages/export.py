@@ -10,6 +10,8 @@ after the report is written.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -17,7 +19,7 @@ from pydantic import BaseModel, Field, PositiveInt, ValidationError, ValidationI
 
 from kdpipe.config import LoadedConfig, StageConfig, StrictModel
 from kdpipe.data import normalize
-from kdpipe.errors import ConfigError, GateFailed, StageError
+from kdpipe.errors import ConfigError, Gate, GateFailed, StageError
 from kdpipe.exports.formats import ExportJob, get_format
 from kdpipe.fileio import atomic_write_json
 from kdpipe.registry import STAGES
@@ -91,9 +93,11 @@ class ExportConfig(StageConfig):
     @classmethod
     def _known_format(cls, value: str) -> str:
         try:
-            get_format(value)  # raises a ConfigError with did-you-mean
+            fmt = get_format(value)  # raises a ConfigError with did-you-mean
         except ConfigError as exc:  # as a ValueError, pydantic reports it at its file:line and field
             raise ValueError(exc.message) from None
+        if fmt.made_by is not None:
+            raise ValueError(f"format {value!r} is made by a stage of type {fmt.made_by!r}, not by an export stage")
         return value
 
     @field_validator("options")
@@ -119,12 +123,6 @@ class ExportConfig(StageConfig):
         if not self.dynamic_batch and self.max_batch_size != 1:
             raise ValueError("a static export serves batch 1 only: set max_batch_size: 1 or dynamic_batch: true")
         return self
-
-
-def tolerances(cfg: ExportConfig) -> dict[str, float | None]:
-    """The parity gates in force: the configured values, else the format's defaults."""
-    defaults = get_format(cfg.format).parity
-    return {k: getattr(cfg.parity, k) if getattr(cfg.parity, k) is not None else v for k, v in defaults.items()}
 
 
 @STAGES.register("export", summary="ONNX fp32/fp16/int8 or TensorRT, with a parity gate on real images")
@@ -159,7 +157,7 @@ class ExportStage(Stage):
             ) from None
 
     def run(self) -> StageResult:
-        from kdpipe.exports import ParityTolerance, Preprocessing, export_onnx, measure_parity, parity_gates
+        from kdpipe.exports import export_onnx
 
         ctx, cfg = self.ctx, self.config
         fmt = get_format(cfg.format)
@@ -167,16 +165,7 @@ class ExportStage(Stage):
         record = ctx.find("student") or ctx.require("model")
         model = load_stage_model(record, splits, torch.device("cpu"))
         model_name = record.output(ModelOutput).model_name
-        pre = Preprocessing(
-            mean=tuple(splits.mean),
-            std=tuple(splits.std),
-            image_size=splits.image_size,
-            in_chans=splits.in_chans,
-            channel_order="RGB" if splits.in_chans == 3 else "L",
-            classes=tuple(splits.classes),
-            crop_pct=splits.crop_pct,
-            interpolation=splits.interpolation,
-        )
+        pre = export_preprocessing(splits)
         meta = {"run": ctx.pipeline.name, "stage": ctx.name, "model": model_name}
         fp32_path = ctx.dir / "model.fp32.onnx"
         onnx_info = export_onnx(
@@ -207,60 +196,122 @@ class ExportStage(Stage):
         if artifact.suffix != fmt.suffix or not artifact.is_file():
             raise StageError(f"export format {fmt.name!r} did not write a {fmt.suffix} file (got {artifact})")
 
-        # Parity on real test images (never dummies): the exported artifact against the PyTorch student.
-        n = min(cfg.parity.samples or len(splits.test), len(splits.test))
-        images = normalize(splits.test.load(torch.arange(n)), splits.mean, splits.std)
-        labels = splits.test.labels[:n]
         run_exported, batch = fmt.open_runner(artifact, job)
-        report = measure_parity(model, run_exported, images, labels, batch_size=batch)
-        gates = tolerances(cfg)
-        outcomes = parity_gates(report, ParityTolerance(**gates), label=f"{ctx.name} ({cfg.format})")
-        failures = [g.message for g in outcomes if not g.passed]
-        parity = {
-            **report.to_dict(),
-            "tolerances": gates,
-            "passed": not failures,
-            "failures": failures,
-            "gates": [g.to_dict() for g in outcomes],
-        }
-        atomic_write_json(ctx.dir / "parity.json", parity)
-        if failures:
-            raise GateFailed(
-                "; ".join(failures), hint=f"the parity report is in {ctx.dir / 'parity.json'}", gates=outcomes
-            )
-        artifacts = {"model": artifact.name, "parity": "parity.json"}
-        if artifact != fp32_path and fp32_path.is_file():
-            artifacts["fp32"] = fp32_path.name
-        size = artifact.stat().st_size
-        metrics = {
-            "top1": report.export_top1,
-            "torch_top1": report.torch_top1,
-            "top1_agreement": report.top1_agreement,
-            "max_abs_diff": report.max_abs_diff,
-            "size_bytes": size,
-        }
-        return StageResult(
-            metrics=metrics,
-            artifacts=artifacts,
-            summary=(
-                f"{artifact.name} ({cfg.format}, {size / 1e6:.2f} MB): top-1 {report.export_top1:.4f} "
-                f"(torch {report.torch_top1:.4f}), agreement {report.top1_agreement:.4f}, "
-                f"max |diff| {report.max_abs_diff:.2e}"
-            ),
-            info={
-                "model_name": model_name,
-                "format": cfg.format,
-                "source_stage": record.name,
-                "input_name": onnx_info.input_name,
-                "output_name": onnx_info.output_name,
-                "input_shape": [splits.in_chans, splits.image_size, splits.image_size],
-                "num_classes": splits.num_classes,
-                "dynamic_batch": cfg.dynamic_batch,
-                "max_batch_size": cfg.max_batch_size if cfg.dynamic_batch else 1,
-                "opset": cfg.opset,
-                "simplified": onnx_info.simplified,
-                "parity": parity,
-                "gates": parity["gates"],
-                **job.info,
-            },
+        return gate_and_record(
+            ctx,
+            model=model,
+            run_exported=run_exported,
+            batch_size=batch,
+            artifact=artifact,
+            onnx_info=onnx_info,
+            fmt_name=cfg.format,
+            parity_cfg=cfg.parity,
+            defaults=fmt.parity,
+            source=record.name,
+            model_name=model_name,
+            dynamic_batch=cfg.dynamic_batch,
+            max_batch_size=cfg.max_batch_size,
+            opset=cfg.opset,
+            extra_artifacts={"fp32": fp32_path.name} if artifact != fp32_path and fp32_path.is_file() else {},
+            extra_info=job.info,
         )
+
+
+def export_preprocessing(splits: Any) -> Any:
+    """What a client applies before sending pixels, as the ONNX metadata and the Triton config record it."""
+    from kdpipe.exports import Preprocessing
+
+    return Preprocessing(
+        mean=tuple(splits.mean),
+        std=tuple(splits.std),
+        image_size=splits.image_size,
+        in_chans=splits.in_chans,
+        channel_order="RGB" if splits.in_chans == 3 else "L",
+        classes=tuple(splits.classes),
+        crop_pct=splits.crop_pct,
+        interpolation=splits.interpolation,
+    )
+
+
+def gate_and_record(
+    ctx: Any,
+    *,
+    model: torch.nn.Module,
+    run_exported: Any,
+    batch_size: int,
+    artifact: Path,
+    onnx_info: Any,
+    fmt_name: str,
+    parity_cfg: ParityConfig,
+    defaults: dict[str, float | None],
+    source: str,
+    model_name: str,
+    dynamic_batch: bool,
+    max_batch_size: int,
+    opset: int,
+    extra_artifacts: dict[str, str] | None = None,
+    extra_info: dict[str, Any] | None = None,
+    extra_metrics: dict[str, Any] | None = None,
+    extra_gates: Callable[[Any], list[Gate]] | None = None,
+) -> StageResult:
+    """Parity of an exported artifact on real test images (never dummies) against the PyTorch ``model``, its gates
+    (``parity_cfg`` over the format's ``defaults``; a miss raises GateFailed after parity.json is written), and the
+    stage result every export records (an ``ExportOutput``). Shared by the export and qad stages; ``extra_gates``
+    makes a stage's own gates from the parity report (the qad stage's drop against the fp32 student)."""
+    from kdpipe.exports import ParityTolerance, measure_parity, parity_gates
+
+    splits = ctx.data()
+    n = min(parity_cfg.samples or len(splits.test), len(splits.test))
+    images = normalize(splits.test.load(torch.arange(n)), splits.mean, splits.std)
+    labels = splits.test.labels[:n]
+    report = measure_parity(model, run_exported, images, labels, batch_size=batch_size)
+    gates = {k: getattr(parity_cfg, k) if getattr(parity_cfg, k) is not None else v for k, v in defaults.items()}
+    outcomes = parity_gates(report, ParityTolerance(**gates), label=f"{ctx.name} ({fmt_name})")
+    if extra_gates is not None:
+        outcomes += extra_gates(report)
+    failures = [g.message for g in outcomes if not g.passed]
+    parity = {
+        **report.to_dict(),
+        "tolerances": gates,
+        "passed": not failures,
+        "failures": failures,
+        "gates": [g.to_dict() for g in outcomes],
+    }
+    atomic_write_json(ctx.dir / "parity.json", parity)
+    if failures:
+        raise GateFailed("; ".join(failures), hint=f"the parity report is in {ctx.dir / 'parity.json'}", gates=outcomes)
+    artifacts = {"model": artifact.name, "parity": "parity.json", **(extra_artifacts or {})}
+    size = artifact.stat().st_size
+    metrics = {
+        "top1": report.export_top1,
+        "torch_top1": report.torch_top1,
+        "top1_agreement": report.top1_agreement,
+        "max_abs_diff": report.max_abs_diff,
+        "size_bytes": size,
+        **(extra_metrics or {}),
+    }
+    return StageResult(
+        metrics=metrics,
+        artifacts=artifacts,
+        summary=(
+            f"{artifact.name} ({fmt_name}, {size / 1e6:.2f} MB): top-1 {report.export_top1:.4f} "
+            f"(torch {report.torch_top1:.4f}), agreement {report.top1_agreement:.4f}, "
+            f"max |diff| {report.max_abs_diff:.2e}"
+        ),
+        info={
+            "model_name": model_name,
+            "format": fmt_name,
+            "source_stage": source,
+            "input_name": onnx_info.input_name,
+            "output_name": onnx_info.output_name,
+            "input_shape": [splits.in_chans, splits.image_size, splits.image_size],
+            "num_classes": splits.num_classes,
+            "dynamic_batch": dynamic_batch,
+            "max_batch_size": max_batch_size if dynamic_batch else 1,
+            "opset": opset,
+            "simplified": onnx_info.simplified,
+            "parity": parity,
+            "gates": parity["gates"],
+            **(extra_info or {}),
+        },
+    )

@@ -1,0 +1,129 @@
+"""The qad stage on real digits: ModelOpt fake quantization (BatchNorm folded), calibration, KD fine-tuning from the
+teacher, a QDQ int8 ONNX with parity gates (against the fake-quantized network it came from, and the top-1 drop
+against the fp32 student), benchmarked and served like any export, resumable mid-epoch, refused where it cannot run."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import pytest
+
+pytest.importorskip("modelopt.torch.quantization", reason="needs nvidia-modelopt (kdpipe[export])")
+
+import kdpipe.stages  # noqa: F401
+from kdpipe.config import load_config
+from kdpipe.errors import ConfigError, GateFailed, Interrupted
+from kdpipe.pipeline.runner import Runner, preflight
+
+QAD = """
+version: 1
+name: digits-qad
+seed: 0
+device: cpu
+data: {kind: digits, image_size: 16, augment: crop, val_fraction: 0.0}
+stages:
+  teacher:
+    type: teacher
+    model: resnet8
+    weights: {train: {epochs: 3, batch_size: 64, lr: 0.05}}
+  distill:
+    type: distill
+    student: resnet8
+    method: {name: kd}
+    train: {epochs: 3, batch_size: 64, lr: 0.05}
+  qad:
+    type: qad
+    train: {epochs: 1, batch_size: 64, lr: 0.005}
+    calibration_samples: 256
+    max_drop_vs_fp32: 0.05
+  bench:
+    type: benchmark
+    backends: [onnxruntime]
+    batch_sizes: [1]
+    warmup: 1
+    min_iterations: 2
+    min_time_s: 0.01
+  serve:
+    type: serve
+    needs: [qad]
+"""
+
+
+@pytest.fixture(scope="module")
+def qad_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("qad")
+    (root / "stages.yaml").write_text(QAD)
+    Runner(load_config(root / "stages.yaml"), root / "run").run()
+    return root / "run"
+
+
+def test_qad_exports_a_gated_qdq_graph_of_the_fine_tuned_student(qad_run: Path) -> None:
+    result = json.loads((qad_run / "qad" / "result.json").read_text())
+    graph = onnx.load(str(qad_run / "qad" / "model.onnx"))
+    ops = Counter(n.op_type for n in graph.graph.node)
+    assert ops["QuantizeLinear"] >= 9 and ops["DequantizeLinear"] >= 9  # every conv and the classifier
+    assert ops["BatchNormalization"] == 0  # folded into the convolutions before quantization
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert meta["kdpipe.precision"] == "int8-qdq" and meta["kdpipe.preprocessing.image_size"] == "16"
+    gates = {g["name"]: g for g in result["info"]["gates"]}
+    assert set(gates) == {"min_agreement", "max_top1_drop", "max_drop_vs_fp32"} and all(
+        g["passed"] for g in gates.values()
+    )
+    m = result["metrics"]
+    # the drop gate compares the export with the fp32 student; the graph is faithful to the fake-quant network
+    assert gates["max_drop_vs_fp32"]["value"] == pytest.approx(m["fp32_top1"] - m["top1"])
+    assert m["top1_agreement"] >= 0.95 and m["top1"] > 0.6  # digits, 10 classes
+    qad = result["info"]["qad"]
+    assert qad["quantizers"] >= 18 and qad["batchnorm_folded"] and len(qad["history"]) == 1
+    assert result["info"]["format"] == "onnx-int8-qad"
+
+
+def test_qad_export_is_benchmarked_and_served(qad_run: Path) -> None:
+    cells = json.loads((qad_run / "bench" / "result.json").read_text())["info"]["cells"]
+    assert any(c["model"] == "resnet8 onnx-int8-qad" and not c.get("error") for c in cells)
+    config = (qad_run / "serve" / "model_repository" / "digits-qad" / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in config
+
+
+def test_a_qad_run_stopped_mid_epoch_resumes_to_the_same_graph(
+    qad_run: Path, tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
+    cfg = write_config(QAD)
+    rd = tmp_path / "run"
+    with pytest.raises(Interrupted, match="checkpoint saved"):
+        Runner(load_config(cfg), rd, options={"stop_after_steps": {"qad": 5}}).run()
+    assert (rd / "qad" / "checkpoints" / "last.pt").is_file()
+    Runner(load_config(cfg), rd).run()
+    resumed = json.loads((rd / "qad" / "result.json").read_text())
+    reference = json.loads((qad_run / "qad" / "result.json").read_text())
+    assert resumed["info"]["qad"]["resumed_from"] == 0
+    assert resumed["metrics"]["top1"] == reference["metrics"]["top1"]
+    a, b = onnx.load(str(rd / "qad" / "model.onnx")), onnx.load(str(qad_run / "qad" / "model.onnx"))
+    assert [i.raw_data for i in a.graph.initializer] == [i.raw_data for i in b.graph.initializer]
+
+
+def test_qad_gate_on_the_fp32_drop_fails_the_run(
+    qad_run: Path, tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
+    cfg = write_config(QAD.replace("max_drop_vs_fp32: 0.05", "max_drop_vs_fp32: 0.0").replace("lr: 0.005", "lr: 0.5"))
+    with pytest.raises(GateFailed, match="max_drop_vs_fp32") as info:
+        Runner(load_config(cfg), tmp_path / "run").run()
+    assert "max_drop_vs_fp32" in [g.name for g in info.value.failed]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (QAD.replace("  teacher:\n    type: teacher\n    model: resnet8\n    weights: {train: {epochs: 3, batch_size: 64, lr: 0.05}}\n", "").replace("method: {name: kd}", "method: {name: ce}"), r"stage 'qad' \(qad\) needs a 'teacher' before it"),
+        (QAD.replace("  bench:", "  int8:\n    type: export\n    format: onnx-int8-qad\n  bench:"), "made by a stage of type 'qad'"),
+    ],
+)  # fmt: skip
+def test_qad_without_a_teacher_or_as_an_export_format_is_refused(
+    write_config: Callable[..., Path], text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        preflight(load_config(write_config(text)))

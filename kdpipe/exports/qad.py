@@ -28,6 +28,7 @@ from kdpipe.errors import ConfigError, ExportError
 from kdpipe.exports.formats import ExportFormat, ExportJob, register_format
 from kdpipe.exports.onnx import OnnxExport, Preprocessing, export_onnx
 from kdpipe.exports.runtime import require_module
+from kdpipe.fileio import atomic_write_with
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,49 @@ def quantizers(model: nn.Module) -> dict[str, Any]:
     return {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer) and m.is_enabled}
 
 
+def fold_weight_quantizers(model: Any) -> int:
+    """Replace every ``QuantizeLinear`` of a constant (a weight) by the int8 tensor it computes, so the graph stores
+    int8 weights behind their ``DequantizeLinear`` (the QDQ layout onnxruntime fuses into integer convolutions and
+    TensorRT builds from) instead of float weights quantized at every run; the float copies are dropped. Returns how
+    many weights were folded. ``model`` is an ``onnx.ModelProto``, changed in place."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    folded: dict[str, Any] = {}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and all(name in consts for name in node.input[:3]) and len(node.input) >= 3:
+            w, scale, zero = (consts[name] for name in node.input[:3])
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            if scale.ndim == 1 and w.ndim > 1:  # per-channel: broadcast along ``axis``
+                shape = [1] * w.ndim
+                shape[axis] = -1
+                scale, zero = scale.reshape(shape), zero.reshape(shape)
+            info = np.iinfo(zero.dtype)
+            q = np.clip(np.rint(w / scale) + zero.astype(np.int32), info.min, info.max).astype(zero.dtype)
+            folded[node.output[0]] = numpy_helper.from_array(q, name=node.output[0])
+        else:
+            keep.append(node)
+    if not folded:
+        return 0
+    del graph.node[:]
+    graph.node.extend(keep)
+    graph.initializer.extend(folded.values())
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    unused = [i for i in graph.initializer if i.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
+    dead = [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]
+    for node in dead:
+        graph.node.remove(node)
+    return len(folded)
+
+
 def export_qdq_onnx(
     model: nn.Module,
     path: Path,
@@ -110,6 +154,11 @@ def export_qdq_onnx(
     )
     from kdpipe.exports.quantize import count_qdq_nodes
 
+    onnx_mod: Any = require_module("onnx")
+    graph = onnx_mod.load(str(path))
+    if fold_weight_quantizers(graph):
+        onnx_mod.checker.check_model(graph, full_check=True)
+        atomic_write_with(path, lambda tmp: onnx_mod.save_model(graph, str(tmp)))
     counts = count_qdq_nodes(path)
     if not counts.get("QuantizeLinear") or not counts.get("DequantizeLinear"):
         raise ExportError(f"{path}: the QAD export holds no QuantizeLinear/DequantizeLinear pair ({counts})")

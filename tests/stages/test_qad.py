@@ -127,3 +127,54 @@ def test_qad_without_a_teacher_or_as_an_export_format_is_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         preflight(load_config(write_config(text)))
+
+
+def test_the_export_stores_int8_weights(qad_run: Path) -> None:
+    """The exported graph keeps int8 weights behind DequantizeLinear: no float weight quantized at every run."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from kdpipe.exports.qad import fold_weight_quantizers
+
+    graph = onnx.load(str(qad_run / "qad" / "model.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    weights = [n.input[0] for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(weights) >= 9 and all(inits[w].dtype == np.int8 for w in weights)
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in inits for n in graph.graph.node)
+    assert fold_weight_quantizers(graph) == 0  # nothing left to fold
+
+
+def test_folding_a_weight_quantizer_is_the_same_arithmetic_done_once() -> None:
+    """Golden: a per-channel QuantizeLinear of a constant weight becomes the int8 tensor rint(w / scale) + zp
+    (clipped), the float weight is dropped, and onnxruntime gives the same output before and after."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kdpipe.exports.qad import fold_weight_quantizers
+
+    w = np.array([[[[0.26]]], [[[-0.5]]], [[[30.0]]]], dtype=np.float32)  # 30 / 0.2 saturates at 127
+    scale = np.array([0.1, 0.25, 0.2], dtype=np.float32)
+    zero = np.zeros(3, dtype=np.int8)
+    nodes = [
+        helper.make_node("QuantizeLinear", ["w", "s", "z"], ["wq"], axis=0),
+        helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wd"], axis=0),
+        helper.make_node("Conv", ["x", "wd"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 2, 2])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(scale, "s"), numpy_helper.from_array(zero, "z")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    x = np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    assert fold_weight_quantizers(model) == 1
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert "w" not in inits and [n.op_type for n in model.graph.node] == ["DequantizeLinear", "Conv"]
+    assert inits["wq"].dtype == np.int8 and inits["wq"].ravel().tolist() == [3, -2, 127]  # rint(2.6), rint(-2), clip
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.array_equal(before, after)

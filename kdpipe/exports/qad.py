@@ -78,6 +78,15 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor, *, batch_size: i
     return quantized
 
 
+def without_quantizers(model: nn.Module) -> nn.Module:
+    """A copy of a fake-quantized ``model`` with every ModelOpt quantizer disabled: the float network with the
+    weights QAD fine-tuned (for re-quantization in onnxruntime's own QDQ layout)."""
+    mtq: Any = require_module("modelopt.torch.quantization", purpose="quantization-aware distillation")
+    plain = copy.deepcopy(model)
+    mtq.disable_quantizer(plain, "*")
+    return plain
+
+
 def quantizers(model: nn.Module) -> dict[str, Any]:
     """The enabled ModelOpt quantizers of ``model``, by module name."""
     from modelopt.torch.quantization.nn import TensorQuantizer

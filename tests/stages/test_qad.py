@@ -40,8 +40,16 @@ stages:
     train: {epochs: 1, batch_size: 64, lr: 0.005}
     calibration_samples: 256
     max_drop_vs_fp32: 0.05
+  qad_trt:
+    type: qad
+    needs: [distill]
+    int8_layout: tensorrt
+    train: {epochs: 1, batch_size: 64, lr: 0.005}
+    calibration_samples: 256
+    max_drop_vs_fp32: 0.05
   bench:
     type: benchmark
+    needs: [qad, qad_trt]
     backends: [onnxruntime]
     batch_sizes: [1]
     warmup: 1
@@ -61,14 +69,17 @@ def qad_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "run"
 
 
-def test_qad_exports_a_gated_qdq_graph_of_the_fine_tuned_student(qad_run: Path) -> None:
-    result = json.loads((qad_run / "qad" / "result.json").read_text())
-    graph = onnx.load(str(qad_run / "qad" / "model.onnx"))
+@pytest.mark.parametrize("stage", ["qad", "qad_trt"])
+def test_qad_exports_a_gated_qdq_graph_of_the_fine_tuned_student(qad_run: Path, stage: str) -> None:
+    result = json.loads((qad_run / stage / "result.json").read_text())
+    graph = onnx.load(str(qad_run / stage / "model.onnx"))
     ops = Counter(n.op_type for n in graph.graph.node)
     assert ops["QuantizeLinear"] >= 9 and ops["DequantizeLinear"] >= 9  # every conv and the classifier
     assert ops["BatchNormalization"] == 0  # folded into the convolutions before quantization
     meta = {p.key: p.value for p in graph.metadata_props}
-    assert meta["kdpipe.precision"] == "int8-qdq" and meta["kdpipe.preprocessing.image_size"] == "16"
+    assert meta["kdpipe.preprocessing.image_size"] == "16"
+    if stage == "qad_trt":  # ModelOpt's own graph
+        assert meta["kdpipe.precision"] == "int8-qdq"
     gates = {g["name"]: g for g in result["info"]["gates"]}
     assert set(gates) == {"min_agreement", "max_top1_drop", "max_drop_vs_fp32"} and all(
         g["passed"] for g in gates.values()
@@ -80,11 +91,28 @@ def test_qad_exports_a_gated_qdq_graph_of_the_fine_tuned_student(qad_run: Path) 
     qad = result["info"]["qad"]
     assert qad["quantizers"] >= 18 and qad["batchnorm_folded"] and len(qad["history"]) == 1
     assert result["info"]["format"] == "onnx-int8-qad"
+    assert qad["int8_layout"] == ("tensorrt" if stage == "qad_trt" else "onnxruntime")
+
+
+def test_the_onnxruntime_layout_fuses_into_integer_convolutions(qad_run: Path, tmp_path: Path) -> None:
+    """onnxruntime's optimizer turns the default layout's convolutions into QLinearConv (integer kernels); ModelOpt's
+    own layout (inputs quantized, conv outputs not) stays float convolutions there, hence the default."""
+    import onnxruntime as ort
+
+    def optimized_ops(path: Path) -> Counter[str]:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{path.parent.name}.opt.onnx")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+    assert optimized_ops(qad_run / "qad" / "model.onnx")["QLinearConv"] >= 9
+    assert optimized_ops(qad_run / "qad_trt" / "model.onnx")["QLinearConv"] == 0
 
 
 def test_qad_export_is_benchmarked_and_served(qad_run: Path) -> None:
     cells = json.loads((qad_run / "bench" / "result.json").read_text())["info"]["cells"]
-    assert any(c["model"] == "resnet8 onnx-int8-qad" and not c.get("error") for c in cells)
+    assert sum(c["model"] == "resnet8 onnx-int8-qad" and not c.get("error") for c in cells) == 2  # both layouts
     config = (qad_run / "serve" / "model_repository" / "digits-qad" / "config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in config
 
@@ -121,6 +149,7 @@ def test_qad_gate_on_the_fp32_drop_fails_the_run(
         (QAD.replace("  teacher:\n    type: teacher\n    model: resnet8\n    weights: {train: {epochs: 3, batch_size: 64, lr: 0.05}}\n", "").replace("method: {name: kd}", "method: {name: ce}"), r"stage 'qad' \(qad\) needs a 'teacher' before it"),
         (QAD.replace("  bench:", "  int8:\n    type: export\n    format: onnx-int8-qad\n  bench:"), "made by a stage of type 'qad'"),
     ],
+    ids=["no-teacher", "as-an-export-format"],
 )  # fmt: skip
 def test_qad_without_a_teacher_or_as_an_export_format_is_refused(
     write_config: Callable[..., Path], text: str, message: str
@@ -136,7 +165,7 @@ def test_the_export_stores_int8_weights(qad_run: Path) -> None:
 
     from kdpipe.exports.qad import fold_weight_quantizers
 
-    graph = onnx.load(str(qad_run / "qad" / "model.onnx"))
+    graph = onnx.load(str(qad_run / "qad_trt" / "model.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
     weights = [n.input[0] for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
     assert len(weights) >= 9 and all(inits[w].dtype == np.int8 for w in weights)

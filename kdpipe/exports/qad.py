@@ -78,6 +78,17 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor, *, batch_size: i
     return quantized
 
 
+def unquantized_layers(model: nn.Module) -> dict[str, str]:
+    """Layers with a weight matrix or kernel (a parameter of two or more dimensions) that ModelOpt did not wrap with a
+    weight quantizer, by name -> type: they would stay float in the int8 graph."""
+    out = {}
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.ndim >= 2]
+        if own and not hasattr(module, "weight_quantizer"):
+            out[name] = type(module).__name__
+    return out
+
+
 def without_quantizers(model: nn.Module) -> nn.Module:
     """A copy of a fake-quantized ``model`` with every ModelOpt quantizer disabled: the float network with the
     weights QAD fine-tuned (for re-quantization in onnxruntime's own QDQ layout)."""

@@ -12,6 +12,7 @@ and ranges are loaded over them).
 from __future__ import annotations
 
 import logging
+from fnmatch import fnmatch
 from typing import Any, Literal
 
 import torch
@@ -31,6 +32,7 @@ from kdpipe.exports.qad import (
     fold_batchnorm,
     quantize_model,
     quantizers,
+    unquantized_layers,
     without_quantizers,
 )
 from kdpipe.registry import STAGES
@@ -65,6 +67,9 @@ class QADConfig(StageConfig):
     convolutions, at post-training quantization's latency; ModelOpt's own graph quantizes only layer inputs, which
     onnxruntime leaves as float convolutions (measured 2.7-4x slower on digits' resnet8). ``tensorrt``: ModelOpt's
     signed symmetric QDQ graph as trained, what TensorRT builds int8 engines from."""
+    float_layers: list[str] = Field(default_factory=list)
+    """Layers (fnmatch patterns of module names) allowed to stay float because ModelOpt cannot quantize them; any
+    other such layer is an error that names it."""
     reduce_range: bool | None = None
     """``onnxruntime`` layout: 7-bit weights (default: as onnx-int8, on unless the CPU has VNNI-exact kernels)."""
     opset: int = 18
@@ -118,6 +123,16 @@ class QADStage(Stage):
         first = torch.arange(min(cfg.calibration_samples, len(splits.train)))
         calibration = normalize(splits.train.load(first), splits.mean, splits.std).to(ctx.device)
         quantized = quantize_model(student, calibration)
+        left = {
+            n: t for n, t in unquantized_layers(quantized).items() if not any(fnmatch(n, p) for p in cfg.float_layers)
+        }
+        if left:
+            listed = ", ".join(f"{n} ({t})" for n, t in left.items())
+            raise ConfigError(
+                f"qad: ModelOpt cannot quantize {len(left)} layer(s) of {model_name}: {listed}",
+                hint=f"keep them in float with stages.{ctx.name}.float_layers: {sorted(left)}, or export this student "
+                "with format onnx-int8 (post-training quantization) instead",
+            )
         n_quantizers = len(quantizers(quantized))
         before = evaluate(quantized, test_loader(ctx), splits.num_classes).top1  # post-training quantization
         context = MethodContext.from_splits(

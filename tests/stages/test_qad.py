@@ -207,3 +207,40 @@ def test_folding_a_weight_quantizer_is_the_same_arithmetic_done_once() -> None:
     assert inits["wq"].dtype == np.int8 and inits["wq"].ravel().tolist() == [3, -2, 127]  # rint(2.6), rint(-2), clip
     after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.array_equal(before, after)
+
+
+def test_a_layer_modelopt_cannot_quantize_is_named() -> None:
+    """A layer with a weight that ModelOpt does not wrap (here a hand-written linear) would stay float in the int8
+    graph: it is listed by name, so the qad stage can refuse it or keep it in float as configured."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from kdpipe.exports.qad import quantize_model, unquantized_layers
+
+    class HandLinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.weight)
+
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), HandLinear())
+    quantized = quantize_model(net, torch.randn(8, 1, 6, 6))
+    assert unquantized_layers(quantized) == {"4": "HandLinear"}  # the conv is wrapped, the hand-written one is not
+
+
+def test_the_qad_stage_refuses_unquantized_layers_unless_kept_in_float(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
+    import kdpipe.stages.qad as qad_stage
+
+    monkeypatch.setattr(qad_stage, "unquantized_layers", lambda model: {"head.fc": "HandLinear"})
+    text = QAD.replace("  qad_trt:", "  skip_trt:").split("  skip_trt:")[0]  # teacher, distill, qad only
+    with pytest.raises(ConfigError, match=r"cannot quantize 1 layer\(s\) of resnet8: head\.fc \(HandLinear\)") as info:
+        Runner(load_config(write_config(text)), tmp_path / "run").run()
+    assert "stages.qad.float_layers: ['head.fc']" in str(info.value)
+    kept = text.replace("    max_drop_vs_fp32: 0.05\n", "    max_drop_vs_fp32: 0.05\n    float_layers: ['head.*']\n")
+    Runner(load_config(write_config(kept)), tmp_path / "run").run()  # allowed: the stage finishes
+    assert (tmp_path / "run" / "qad" / "result.json").is_file()

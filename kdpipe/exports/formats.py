@@ -19,7 +19,7 @@ CONTRIBUTING.md. Heavy libraries (onnxruntime, tensorrt) are imported inside the
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from kdpipe.exports.onnx import OnnxExport
+from kdpipe.fileio import atomic_write_json
 from kdpipe.registry import FORMATS
 from kdpipe.requirements import EXPORT_HINT, TENSORRT_HINT
 
@@ -66,6 +67,9 @@ class ExportJob:
     """The format's own settings: ``settings.options`` validated against the format's ``Params``."""
     calibration: Callable[[int], torch.Tensor]
     """``calibration(n)``: the first ``n`` normalised training images (for int8 range calibration)."""
+    heldout: Callable[[int], torch.Tensor] | None = None
+    """``heldout(n)``: up to ``n`` normalised images neither calibrated on nor tested on (the validation split, else
+    training images after the calibration set), for choices such as which layers stay in float."""
     info: dict[str, Any] = field(default_factory=dict)
     """Extra facts for the stage result (``info``), filled by the format (a TensorRT engine's stamp)."""
 
@@ -156,7 +160,7 @@ class OnnxFp16Format(ExportFormat):
         return convert_fp16(job.fp32_path, job.out_dir / self.artifact_name(job))
 
 
-def _int8(job: ExportJob, out: Path, *, for_tensorrt: bool) -> Path:
+def _int8(job: ExportJob, out: Path, *, for_tensorrt: bool, float_nodes: Sequence[str] = ()) -> Path:
     from kdpipe.exports.quantize import quantize_int8
 
     cfg = job.settings
@@ -168,7 +172,86 @@ def _int8(job: ExportJob, out: Path, *, for_tensorrt: bool) -> Path:
         per_channel=cfg.per_channel,
         activation_type="int8" if for_tensorrt else "uint8",
         reduce_range=cfg.reduce_range,
+        nodes_to_exclude=float_nodes,
     )
+
+
+def _top1(path: Path, images: np.ndarray) -> np.ndarray:
+    from kdpipe.exports.runtime import create_onnx_session, run_onnx
+
+    return run_onnx(create_onnx_session(path), images, batch_size=64).argmax(1)
+
+
+def _p50_ms(path: Path, image: np.ndarray, runs: int = 50) -> float:
+    import time
+
+    from kdpipe.exports.runtime import create_onnx_session
+
+    session = create_onnx_session(path)
+    name = session.get_inputs()[0].name
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(None, {name: image})
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def mixed_precision(job: ExportJob, out: Path, budget: int, min_agreement: float) -> dict[str, Any]:
+    """Parity-gated mixed precision for onnx-int8: when the int8 graph at ``out`` agrees with the fp32 graph on
+    fewer than ``min_agreement`` of the held-out images, rank every Conv/Gemm/MatMul by how much keeping it alone in
+    float raises that agreement, then keep the best ones in float, one more at a time, until the agreement is met
+    or ``budget`` layers are float; ``out`` is rewritten with the result. Returns the record (chosen layers, the
+    agreements, the ranking, batch-1 latency of both graphs) for the stage result and the card."""
+    from kdpipe.exports.quantize import quantizable_nodes
+
+    if job.heldout is None:
+        raise ValueError("mixed precision needs held-out images")
+    images = job.heldout(512).numpy()
+    reference = _top1(job.fp32_path, images)
+
+    def agreement(path: Path) -> float:
+        return float((_top1(path, images) == reference).mean())
+
+    record: dict[str, Any] = {
+        "budget": budget,
+        "min_agreement": min_agreement,
+        "heldout_images": len(images),
+        "agreement_int8": agreement(out),
+        "float_layers": [],
+    }
+    if record["agreement_int8"] >= min_agreement:
+        record["agreement_mixed"] = record["agreement_int8"]
+        return record
+    trial = out.with_name("mixed.trial.onnx")
+    gains = []
+    for node in quantizable_nodes(job.fp32_path):
+        _int8(job, trial, for_tensorrt=False, float_nodes=[node])
+        gains.append((agreement(trial) - record["agreement_int8"], node))
+    ranked = [node for _, node in sorted(gains, key=lambda g: -g[0])]
+    record["ranking"] = [{"layer": n, "gain": g} for g, n in sorted(gains, key=lambda g: -g[0])[:10]]
+    all_int8 = out.with_name("all_int8.onnx")
+    out.replace(all_int8)
+    chosen: list[str] = []
+    reached = record["agreement_int8"]
+    for node in ranked[:budget]:
+        chosen.append(node)
+        _int8(job, out, for_tensorrt=False, float_nodes=chosen)
+        reached = agreement(out)
+        if reached >= min_agreement:
+            break
+    one = images[:1]
+    record.update(
+        float_layers=chosen,
+        agreement_mixed=reached,
+        p50_ms_batch1={"int8": _p50_ms(all_int8, one), "mixed": _p50_ms(out, one)},
+    )
+    trial.unlink(missing_ok=True)
+    all_int8.unlink(missing_ok=True)
+    log.info(
+        "mixed precision: %s kept in float, held-out agreement %.4f -> %.4f", chosen, record["agreement_int8"], reached
+    )
+    return record
 
 
 class OnnxInt8Format(ExportFormat):
@@ -177,7 +260,16 @@ class OnnxInt8Format(ExportFormat):
     parity: ClassVar[dict[str, float | None]] = {"max_abs_diff": None, "min_agreement": 0.95, "max_top1_drop": 0.01}
 
     def export(self, job: ExportJob) -> Path:
-        return _int8(job, job.out_dir / self.artifact_name(job), for_tensorrt=False)
+        out = _int8(job, job.out_dir / self.artifact_name(job), for_tensorrt=False)
+        budget = job.settings.mixed_precision
+        if budget > 0:
+            gate = job.settings.parity.min_agreement
+            min_agreement = gate if gate is not None else self.parity["min_agreement"]
+            assert min_agreement is not None  # onnx-int8 always gates agreement
+            record = mixed_precision(job, out, budget, float(min_agreement))
+            atomic_write_json(job.out_dir / "mixed_precision.json", record)
+            job.info["mixed_precision"] = record
+        return out
 
 
 class TensorRTFormat(ExportFormat):

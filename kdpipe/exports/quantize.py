@@ -61,7 +61,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,7 @@ def quantize_int8(
     activation_type: str = "uint8",
     reduce_range: bool | None = None,
     pad_stem_channels: int | None = 4,
+    nodes_to_exclude: Sequence[str] = (),
 ) -> Path:
     """Static int8 quantization of ``fp32_path`` into a QDQ graph at ``out_path``, calibrated on ``calibration``.
 
@@ -182,6 +183,7 @@ def quantize_int8(
     None (default) means on for uint8 activations, off for int8. ``pad_stem_channels``: for uint8 activations, a
     1-channel stem convolution reads a zero-padded copy of the input with this many channels (faster on
     onnxruntime's CPU EP, same result; None leaves it as is).
+    ``nodes_to_exclude``: names of nodes (as ``quantizable_nodes`` lists them) left in float: mixed precision.
     The fp32 model's ``metadata_props`` are carried over, ``kdpipe.precision`` becomes "int8" and
     ``kdpipe.quantization`` records the settings as JSON. Failures are ``ExportError``; bad settings ``ConfigError``.
     """
@@ -222,6 +224,8 @@ def quantize_int8(
         "reduce_range": reduce_range,
         "calibration_images": len(images),
     }
+    if nodes_to_exclude:
+        settings["float_nodes"] = sorted(nodes_to_exclude)
     with tempfile.TemporaryDirectory(prefix="kdpipe-int8-") as tmp:
         # Work on a copy: onnxruntime writes scratch files ("-inferred") next to the model it is given.
         source = Path(tmp) / "fp32.onnx"
@@ -255,6 +259,7 @@ def quantize_int8(
                     "percentile": quant.CalibrationMethod.Percentile,
                 }[method],
                 extra_options={"ActivationSymmetric": activation_type == "int8", "WeightSymmetric": True},
+                nodes_to_exclude=list(nodes_to_exclude),
             )
         except Exception as exc:
             raise ExportError(
@@ -267,6 +272,27 @@ def quantize_int8(
     path = _save_checked(model, out_path, meta, "int8")
     log.info("int8 QDQ model %s (%s)", path, settings)
     return path
+
+
+QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+"""The ops whose int8 versions carry the compute, and so the candidates for staying in float."""
+
+
+def quantizable_nodes(fp32_path: Path) -> list[str]:
+    """Names of the Conv/Gemm/MatMul nodes of ``fp32_path`` after onnxruntime's quantization pre-processing (the
+    graph ``quantize_int8`` quantizes), in graph order: what ``nodes_to_exclude`` may name."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="kdpipe-int8-") as tmp:
+        source = Path(tmp) / "fp32.onnx"
+        shutil.copyfile(fp32_path, source)
+        prepared = Path(tmp) / "prepared.onnx"
+        try:
+            quant_pre_process(str(source), str(prepared))
+        except Exception:  # quantize_int8 falls back to the raw export too
+            prepared = source
+        graph = _load(prepared)
+    return [n.name for n in graph.graph.node if n.op_type in QUANTIZED_OPS and n.name]
 
 
 def convert_fp16(fp32_path: Path, out_path: Path) -> Path:

@@ -85,6 +85,10 @@ class ExportConfig(StageConfig):
     """int8: 7-bit weights. Default: on for onnx-int8 (exact on x86 CPUs without AVX-512 VNNI, where 8-bit
     weights saturate onnxruntime's 16-bit intermediates), off for TensorRT int8. false: 8-bit weights, for CPUs
     known to have VNNI."""
+    mixed_precision: int = Field(0, ge=0)
+    """onnx-int8: when the int8 graph misses the min_agreement gate on held-out images, keep up to this many of its
+    most sensitive Conv/Gemm layers in float until it meets it (0: off). The layers chosen and the batch-1 latency of
+    both graphs go to mixed_precision.json, the stage result and the card."""
     tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
     options: dict[str, Any] = Field(default_factory=dict)
     """The format's own settings (a plugin format's ``Params``); the built-in formats take none."""
@@ -182,6 +186,16 @@ class ExportStage(Stage):
             first = torch.arange(min(n, len(splits.train)))
             return normalize(splits.train.load(first), splits.mean, splits.std)
 
+        def heldout(n: int) -> torch.Tensor:
+            if splits.val is not None and len(splits.val) > 0:
+                split, start = splits.val, 0
+            else:  # training images the calibration did not see
+                split, start = splits.train, min(cfg.calibration_samples, len(splits.train))
+            idx = torch.arange(start, min(start + n, len(split)))
+            if len(idx) == 0:
+                idx = torch.arange(min(n, len(split)))
+            return normalize(split.load(idx), splits.mean, splits.std)
+
         job = ExportJob(
             model=model,
             fp32_path=fp32_path,
@@ -191,6 +205,7 @@ class ExportStage(Stage):
             settings=cfg,
             options=cfg.format_options(),
             calibration=calibration,
+            heldout=heldout,
         )
         artifact = fmt.export(job)
         if artifact.suffix != fmt.suffix or not artifact.is_file():
@@ -212,7 +227,10 @@ class ExportStage(Stage):
             dynamic_batch=cfg.dynamic_batch,
             max_batch_size=cfg.max_batch_size,
             opset=cfg.opset,
-            extra_artifacts={"fp32": fp32_path.name} if artifact != fp32_path and fp32_path.is_file() else {},
+            extra_artifacts={
+                **({"fp32": fp32_path.name} if artifact != fp32_path and fp32_path.is_file() else {}),
+                **({"mixed_precision": "mixed_precision.json"} if "mixed_precision" in job.info else {}),
+            },
             extra_info=job.info,
         )
 

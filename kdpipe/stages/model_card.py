@@ -126,9 +126,21 @@ def _sections(ctx: StageContext) -> dict[str, str]:
                 ]
             )
         samples = exports[-1].output(ExportOutput).parity["num_samples"]
+        notes = []
+        for r in exports:
+            mixed = r.output(ExportOutput).mixed_precision
+            if mixed and mixed.get("float_layers"):
+                lat = mixed.get("p50_ms_batch1", {})
+                notes.append(
+                    f"`{r.name}` keeps {len(mixed['float_layers'])} layer(s) in float "
+                    f"({', '.join(f'`{n}`' for n in mixed['float_layers'])}): held-out agreement with fp32 "
+                    f"{mixed['agreement_int8']:.4f} -> {mixed['agreement_mixed']:.4f}, batch-1 p50 "
+                    f"{lat.get('int8', float('nan')):.3f} -> {lat.get('mixed', float('nan')):.3f} ms."
+                )
         sections["Exported models and parity"] = (
             f"Each export is checked against the PyTorch student on {samples} test images.\n\n"
             + table(header, rows, right=range(2, 7))
+            + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
         )
     bench = ctx.find("benchmark")
     if bench is not None:

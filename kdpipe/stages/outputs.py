@@ -54,6 +54,8 @@ class ExportOutput(GatesOutput):
     simplified: bool
     parity: dict[str, Any]
     """The parity report (parity.json): measured values, tolerances, gates."""
+    mixed_precision: dict[str, Any] | None = None
+    """onnx-int8 with ``mixed_precision``: the layers kept in float, held-out agreements, batch-1 latencies."""
 
 
 class BenchmarkOutput(Output):

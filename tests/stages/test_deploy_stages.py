@@ -4,8 +4,10 @@ Triton repository parses with tritonclient's own ModelConfig."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -189,3 +191,31 @@ def test_missing_export_library_fails_validation(
     with pytest.raises(ConfigError, match=r"needs onnxruntime, which is not installed") as info:
         preflight(load_config(write_config(DEPLOY)))
     assert "kdpipe[export]" in str(info.value)
+
+
+def test_mixed_precision_keeps_the_most_sensitive_layers_in_float(
+    deployed: tuple[Path, RunSummary], write_config: Callable[..., Path]
+) -> None:
+    """A strict agreement gate the all-int8 graph misses: the export ranks layers on held-out images, keeps the best
+    ones in float within the budget, records them with the latency of both graphs, and still gates on the test
+    split (here the gate may or may not be met: either way the choice is on record)."""
+    run_dir, _ = deployed
+    cfg = write_config(
+        DEPLOY.replace(
+            "    format: onnx-int8\n    calibration_samples: 256\n",
+            "    format: onnx-int8\n    calibration_samples: 256\n    mixed_precision: 2\n"
+            "    parity: {min_agreement: 0.9999}\n",
+        )
+    )
+    rd = cfg.parent / "run"
+    shutil.copytree(run_dir, rd)  # the trained teacher and student are up to date there: only int8 reruns
+    with contextlib.suppress(GateFailed):  # met or missed, the choice is on record
+        Runner(load_config(cfg), rd, only="int8").run()
+    record = json.loads((rd / "int8" / "mixed_precision.json").read_text())
+    assert record["budget"] == 2 and record["min_agreement"] == 0.9999 and record["heldout_images"] > 0
+    assert 1 <= len(record["float_layers"]) <= 2 and record["agreement_mixed"] >= record["agreement_int8"]
+    assert record["ranking"][0]["layer"] == record["float_layers"][0]  # the most sensitive first
+    assert set(record["p50_ms_batch1"]) == {"int8", "mixed"}
+    graph = onnx.load(str(rd / "int8" / "model.onnx"))
+    settings = json.loads({p.key: p.value for p in graph.metadata_props}["kdpipe.quantization"])
+    assert settings["float_nodes"] == sorted(record["float_layers"])  # the written graph is the mixed one

@@ -214,7 +214,6 @@ def quantize_int8(
     meta = {p.key: p.value for p in fp32.metadata_props}
 
     quant = require_module("onnxruntime.quantization", purpose="int8 quantization")
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     settings = {
         "format": "QDQ",
@@ -227,15 +226,7 @@ def quantize_int8(
     if nodes_to_exclude:
         settings["float_nodes"] = sorted(nodes_to_exclude)
     with tempfile.TemporaryDirectory(prefix="kdpipe-int8-") as tmp:
-        # Work on a copy: onnxruntime writes scratch files ("-inferred") next to the model it is given.
-        source = Path(tmp) / "fp32.onnx"
-        shutil.copyfile(fp32_path, source)
-        prepared = Path(tmp) / "prepared.onnx"
-        try:
-            quant_pre_process(str(source), str(prepared))
-            source = prepared
-        except Exception as exc:  # an optimisation step: quantizing the raw export still works
-            log.warning("onnxruntime quant_pre_process failed, quantizing the export as is: %s", exc)
+        source = _prepared(fp32_path, Path(tmp))
         if activation_type == "uint8" and pad_stem_channels is not None and pad_stem_channels > 1:
             graph = _load(source)
             if _pad_stem_channels(graph, input_name, pad_stem_channels):
@@ -274,6 +265,23 @@ def quantize_int8(
     return path
 
 
+def _prepared(fp32_path: Path, tmp: Path) -> Path:
+    """A copy of ``fp32_path`` in ``tmp`` after onnxruntime's quantization pre-processing (shape inference and
+    graph optimisation), or the plain copy when that fails (an optimisation step: the raw export still quantizes).
+    A copy, because onnxruntime writes scratch files ("-inferred") next to the model it is given."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    source = tmp / "fp32.onnx"
+    shutil.copyfile(fp32_path, source)
+    prepared = tmp / "prepared.onnx"
+    try:
+        quant_pre_process(str(source), str(prepared))
+    except Exception as exc:
+        log.warning("onnxruntime quant_pre_process failed, quantizing the export as is: %s", exc)
+        return source
+    return prepared
+
+
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 """The ops whose int8 versions carry the compute, and so the candidates for staying in float."""
 
@@ -281,17 +289,8 @@ QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 def quantizable_nodes(fp32_path: Path) -> list[str]:
     """Names of the Conv/Gemm/MatMul nodes of ``fp32_path`` after onnxruntime's quantization pre-processing (the
     graph ``quantize_int8`` quantizes), in graph order: what ``nodes_to_exclude`` may name."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     with tempfile.TemporaryDirectory(prefix="kdpipe-int8-") as tmp:
-        source = Path(tmp) / "fp32.onnx"
-        shutil.copyfile(fp32_path, source)
-        prepared = Path(tmp) / "prepared.onnx"
-        try:
-            quant_pre_process(str(source), str(prepared))
-        except Exception:  # quantize_int8 falls back to the raw export too
-            prepared = source
-        graph = _load(prepared)
+        graph = _load(_prepared(fp32_path, Path(tmp)))
     return [n.name for n in graph.graph.node if n.op_type in QUANTIZED_OPS and n.name]
 
 

@@ -151,14 +151,7 @@ class ExportStage(Stage):
 
     @classmethod
     def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:
-        from kdpipe.exports import check_opset
-
-        try:
-            check_opset(config.opset)
-        except ConfigError as exc:
-            raise ConfigError(
-                f"{loaded.where(('stages', name, 'opset'))}: stages.{name}.opset: {exc.message}"
-            ) from None
+        check_opset_field(name, config.opset, loaded)
 
     def run(self) -> StageResult:
         from kdpipe.exports import export_onnx
@@ -233,6 +226,16 @@ class ExportStage(Stage):
             },
             extra_info=job.info,
         )
+
+
+def check_opset_field(name: str, opset: int, loaded: LoadedConfig) -> None:
+    """``stages.<name>.opset`` within the installed exporter's range, else a ConfigError at its file:line."""
+    from kdpipe.exports import check_opset
+
+    try:
+        check_opset(opset)
+    except ConfigError as exc:
+        raise ConfigError(f"{loaded.where(('stages', name, 'opset'))}: stages.{name}.opset: {exc.message}") from None
 
 
 def export_preprocessing(splits: Any) -> Any:

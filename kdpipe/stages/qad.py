@@ -39,7 +39,7 @@ from kdpipe.registry import STAGES
 from kdpipe.requirements import EXPORT_HINT, Requirement, needs_module
 from kdpipe.stages.base import Stage, StageResult
 from kdpipe.stages.common import load_stage_model, test_loader, train_method
-from kdpipe.stages.export import ParityConfig, export_preprocessing, gate_and_record
+from kdpipe.stages.export import ParityConfig, check_opset_field, export_preprocessing, gate_and_record
 from kdpipe.stages.outputs import ExportOutput, ModelOutput
 
 log = logging.getLogger(__name__)
@@ -102,14 +102,7 @@ class QADStage(Stage):
 
     @classmethod
     def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:
-        from kdpipe.exports import check_opset
-
-        try:
-            check_opset(config.opset)
-        except ConfigError as exc:
-            raise ConfigError(
-                f"{loaded.where(('stages', name, 'opset'))}: stages.{name}.opset: {exc.message}"
-            ) from None
+        check_opset_field(name, config.opset, loaded)
 
     def run(self) -> StageResult:
         ctx, cfg = self.ctx, self.config

@@ -219,3 +219,26 @@ def test_mixed_precision_keeps_the_most_sensitive_layers_in_float(
     graph = onnx.load(str(rd / "int8" / "model.onnx"))
     settings = json.loads({p.key: p.value for p in graph.metadata_props}["kdpipe.quantization"])
     assert settings["float_nodes"] == sorted(record["float_layers"])  # the written graph is the mixed one
+
+
+def test_the_card_lists_the_layers_kept_in_float(
+    deployed: tuple[Path, RunSummary], write_config: Callable[..., Path]
+) -> None:
+    """With a gate the all-int8 graph misses on held-out images but the mixed graph meets, the run goes on to the
+    card, which names the float layers and the latency cost."""
+    run_dir, _ = deployed
+    cfg = write_config(
+        DEPLOY.replace(
+            "    format: onnx-int8\n    calibration_samples: 256\n",
+            "    format: onnx-int8\n    calibration_samples: 256\n    mixed_precision: 3\n"
+            "    parity: {min_agreement: 0.99}\n",
+        )
+    )
+    rd = cfg.parent / "run"
+    shutil.copytree(run_dir, rd)
+    Runner(load_config(cfg), rd).run()
+    record = json.loads((rd / "int8" / "mixed_precision.json").read_text())
+    assert record["agreement_int8"] < 0.99 <= record["agreement_mixed"] and record["float_layers"]
+    card = ModelCard.load(rd / "card" / "README.md").text
+    assert f"`int8` keeps {len(record['float_layers'])} layer(s) in float" in card
+    assert f"`{record['float_layers'][0]}`" in card and "batch-1 p50" in card

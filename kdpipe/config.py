@@ -302,10 +302,11 @@ _PIPELINE_MODEL: tuple[tuple[int, ...], type[PipelineBase]] | None = None
 
 
 def registry_generation() -> tuple[int, ...]:
-    """Changes whenever a stage type, method, export format or backend is registered or removed."""
-    from kdpipe.registry import BACKENDS, FORMATS, METHODS, STAGES
+    """Changes whenever a stage type or method is registered or removed: what the config models are built from
+    (formats and backends are looked up by validators when a config is validated, so they need no rebuild)."""
+    from kdpipe.registry import METHODS, STAGES
 
-    return tuple(r.generation for r in (STAGES, METHODS, FORMATS, BACKENDS))
+    return (STAGES.generation, METHODS.generation)
 
 
 def get_pipeline_model() -> type[PipelineBase]:

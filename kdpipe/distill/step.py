@@ -2,7 +2,7 @@
 
 The trainer owns loss scaling (fp16), gradient averaging over data-parallel ranks and the learning-rate schedule;
 a method that steps optimizers itself (online methods, a meta-learned controller) does so through
-``StepControl.apply``, and reads the schedule's current student lr and epoch from it, instead of the trainer
+``StepControl.apply``, and reads the schedule's current student lr from it, instead of the trainer
 writing attributes into the method. A method built outside a trainer (a test, a notebook) holds an unbound
 ``StepControl``: fp32, one process, ``lr`` as set.
 """
@@ -46,9 +46,6 @@ class StepControl:
     """The trainer's fp16 loss scaler (None or disabled: no scaling)."""
     lr: float = 0.0
     """The student's learning rate in the current epoch (the schedule's base lr times its factor)."""
-    epoch: int = 0
-    """The current epoch, 0-based."""
-    epochs: int = 1
     optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
     """The method's own optimizers (from its ``optimizer_specs``), built by the trainer, by name."""
     bound: bool = False

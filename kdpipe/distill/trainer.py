@@ -30,7 +30,7 @@ from kdpipe.config import TrainConfig
 from kdpipe.distill.early_stopping import EarlyStopping
 from kdpipe.distill.evaluate import EvalResult, evaluate
 from kdpipe.distill.methods.base import KDMethod
-from kdpipe.distill.step import StepControl
+from kdpipe.distill.step import Build, StepControl
 from kdpipe.errors import ConfigError, DataError, Interrupted
 from kdpipe.fileio import atomic_write_with, zip_damage
 from kdpipe.progress import NullProgress, Progress
@@ -272,7 +272,7 @@ class Trainer:
             name: self._optimizer_factory(s.params, s.lr, build=s.build, scheduled=s.scheduled, **s.overrides)
             for name, s in specs.items()
         }
-        self.control = StepControl(scaler=self.scaler, epochs=cfg.epochs, optimizers=own, bound=True)
+        self.control = StepControl(scaler=self.scaler, optimizers=own, bound=True)
         method.bind(self.control)
         if method.manual_optimization:
             if not own:
@@ -285,7 +285,7 @@ class Trainer:
         params: Any,
         lr: float | None = None,
         *,
-        build: Callable[[list[nn.Parameter], float], torch.optim.Optimizer] | None = None,
+        build: Build | None = None,
         scheduled: bool = True,
         **overrides: Any,
     ) -> torch.optim.Optimizer:
@@ -465,7 +465,7 @@ class Trainer:
         optimizers = [self.optimizer, *self.method.own_optimizers().values()]
         for group in (g for opt in optimizers if opt is not None for g in opt.param_groups if "base_lr" in g):
             group["lr"] = group["base_lr"] * factor  # groups without base_lr keep a fixed lr
-        self.control.lr, self.control.epoch = lr, epoch
+        self.control.lr = lr
         self._freeze_backbone(epoch)
         self.method.on_epoch_start(epoch, self.cfg.epochs)
         self.train_batches.set_epoch(epoch)

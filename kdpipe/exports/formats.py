@@ -102,18 +102,24 @@ class ExportFormat:
 
     def open_runner(self, path: Path, job: ExportJob) -> tuple[Runner, int]:
         """A runner for the artifact at ``path`` and the batch size the parity check feeds it."""
-        from kdpipe.exports.runtime import create_onnx_session, run_onnx
-
-        session = create_onnx_session(path)
-        batch = job.settings.max_batch_size if job.settings.dynamic_batch else 1
-
-        def run(x: np.ndarray) -> np.ndarray:
-            return run_onnx(session, x, batch_size=batch)
-
-        return run, 256
+        return onnx_runner(path, job.settings.dynamic_batch, job.settings.max_batch_size), 256
 
     def artifact_name(self, job: ExportJob) -> str:
         return "model" + self.suffix
+
+
+def onnx_runner(path: Path, dynamic_batch: bool, max_batch_size: int) -> Runner:
+    """Runs the ONNX graph at ``path`` on onnxruntime's CPU provider in chunks of the batch it serves
+    (``max_batch_size``, or 1 for a static graph)."""
+    from kdpipe.exports.runtime import create_onnx_session, run_onnx
+
+    session = create_onnx_session(path)
+    batch = max_batch_size if dynamic_batch else 1
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return run_onnx(session, x, batch_size=batch)
+
+    return run
 
 
 def register_format(fmt: ExportFormat) -> ExportFormat:

@@ -353,7 +353,9 @@ def export_onnx(
         },
     )
     serialized = onnx_model.SerializeToString()
-    checked = _check_batches(net, serialized, preprocessing, dynamic_batch, check_batch, check_rtol or _CHECK_RTOL)
+    checked = _check_batches(
+        net, serialized, preprocessing, dynamic_batch, check_batch, _CHECK_RTOL if check_rtol is None else check_rtol
+    )
 
     onnx_mod = require_module("onnx")
     atomic_write_with(path, lambda tmp: onnx_mod.save_model(onnx_model, str(tmp)))

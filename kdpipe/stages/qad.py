@@ -26,6 +26,7 @@ from kdpipe.distill.methods.base import MethodContext
 from kdpipe.distill.methods.kd import KDParams
 from kdpipe.errors import ConfigError, Gate
 from kdpipe.exports import export_onnx, quantize_int8
+from kdpipe.exports.formats import onnx_runner
 from kdpipe.exports.qad import (
     QADInt8Format,
     export_qdq_onnx,
@@ -164,14 +165,7 @@ class QADStage(Stage):
             )
             quantize_int8(fp32_path, artifact, calibration.cpu(), per_channel=True, reduce_range=cfg.reduce_range)
             extra_artifacts["fp32"] = fp32_path.name
-        from kdpipe.exports import create_onnx_session, run_onnx
-
-        session = create_onnx_session(artifact)
-        batch = cfg.max_batch_size if cfg.dynamic_batch else 1
-
-        def run_exported(x: Any) -> Any:
-            return run_onnx(session, x, batch_size=batch)
-
+        run_exported = onnx_runner(artifact, cfg.dynamic_batch, cfg.max_batch_size)
         fp32_top1 = evaluate(fp32, test_loader(ctx), splits.num_classes).top1
 
         def versus_fp32(report: Any) -> list[Gate]:

@@ -62,7 +62,7 @@ def test_the_trainer_binds_its_control_and_sets_the_schedule_in_it(digits: Digit
 
     def record(epoch: int, epochs: int) -> None:
         original(epoch, epochs)
-        seen.append((method.step_control.epoch, method.lr))
+        seen.append((method.epoch, method.lr))
 
     method.on_epoch_start = record  # type: ignore[method-assign]
     result = fit(method, digits.splits, tmp_path, epochs=2, lr=0.05)

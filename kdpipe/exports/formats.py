@@ -30,7 +30,6 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from kdpipe.exports.onnx import OnnxExport
-from kdpipe.fileio import atomic_write_json
 from kdpipe.registry import FORMATS
 from kdpipe.requirements import EXPORT_HINT, TENSORRT_HINT
 
@@ -72,6 +71,9 @@ class ExportJob:
     training images after the calibration set), for choices such as which layers stay in float."""
     info: dict[str, Any] = field(default_factory=dict)
     """Extra facts for the stage result (``info``), filled by the format (a TensorRT engine's stamp)."""
+    qdq_source: Path | None = None
+    """A signed symmetric QDQ graph made upstream (a ``qad`` stage's, fine-tuned under fake quantization) that an
+    int8 format builds from instead of calibrating the fp32 graph itself."""
 
 
 class ExportFormat:
@@ -188,41 +190,36 @@ def _top1(path: Path, images: np.ndarray) -> np.ndarray:
     return run_onnx(create_onnx_session(path), images, batch_size=64).argmax(1)
 
 
-def _p50_ms(path: Path, image: np.ndarray, runs: int = 50) -> float:
-    import time
-
-    from kdpipe.exports.runtime import create_onnx_session
-
-    session = create_onnx_session(path)
-    name = session.get_inputs()[0].name
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        session.run(None, {name: image})
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+ALL_INT8 = "model.all_int8.onnx"
+"""Where mixed precision keeps the graph with every layer in int8 beside the mixed one, for the latency comparison."""
 
 
-def mixed_precision(job: ExportJob, out: Path, budget: int, min_agreement: float) -> dict[str, Any]:
-    """Parity-gated mixed precision for onnx-int8: when the int8 graph at ``out`` agrees with the fp32 graph on
-    fewer than ``min_agreement`` of the held-out images, rank every Conv/Gemm/MatMul by how much keeping it alone in
-    float raises that agreement, then keep the best ones in float, one more at a time, until the agreement is met
-    or ``budget`` layers are float; ``out`` is rewritten with the result. Returns the record (chosen layers, the
-    agreements, the ranking, batch-1 latency of both graphs) for the stage result and the card."""
+def mixed_precision(
+    fp32_path: Path,
+    out: Path,
+    quantize: Callable[[Path, Sequence[str]], Path],
+    heldout: np.ndarray,
+    budget: int,
+    min_agreement: float,
+) -> dict[str, Any]:
+    """Parity-gated mixed precision for an int8 graph ``out`` quantized from ``fp32_path`` by ``quantize(path,
+    float_nodes)`` (which writes the int8 graph to ``path`` with ``float_nodes`` left in float): when it agrees with
+    the fp32 graph on fewer than ``min_agreement`` of the ``heldout`` images, rank every Conv/Gemm/MatMul by how much
+    keeping it alone in float raises that agreement, then keep the best ones in float, one more at a time, until the
+    agreement is met or ``budget`` layers are float. ``out`` is rewritten with the result and the all-int8 graph is
+    kept beside it as ``ALL_INT8`` (for the latency comparison, which the stage measures). Returns the record (chosen
+    layers, the agreements, the ranking) for the stage result and the card."""
     from kdpipe.exports.quantize import quantizable_nodes
 
-    if job.heldout is None:
-        raise ValueError("mixed precision needs held-out images")
-    images = job.heldout(512).numpy()
-    reference = _top1(job.fp32_path, images)
+    reference = _top1(fp32_path, heldout)
 
     def agreement(path: Path) -> float:
-        return float((_top1(path, images) == reference).mean())
+        return float((_top1(path, heldout) == reference).mean())
 
     record: dict[str, Any] = {
         "budget": budget,
         "min_agreement": min_agreement,
-        "heldout_images": len(images),
+        "heldout_images": len(heldout),
         "agreement_int8": agreement(out),
         "float_layers": [],
     }
@@ -231,29 +228,23 @@ def mixed_precision(job: ExportJob, out: Path, budget: int, min_agreement: float
         return record
     trial = out.with_name("mixed.trial.onnx")
     gains = []
-    for node in quantizable_nodes(job.fp32_path):
-        _int8(job, trial, for_tensorrt=False, float_nodes=[node])
+    for node in quantizable_nodes(fp32_path):
+        quantize(trial, [node])
         gains.append((agreement(trial) - record["agreement_int8"], node))
-    ranked = [node for _, node in sorted(gains, key=lambda g: -g[0])]
-    record["ranking"] = [{"layer": n, "gain": g} for g, n in sorted(gains, key=lambda g: -g[0])[:10]]
-    all_int8 = out.with_name("all_int8.onnx")
+    trial.unlink(missing_ok=True)
+    gains.sort(key=lambda g: -g[0])
+    record["ranking"] = [{"layer": n, "gain": g} for g, n in gains[:10]]
+    all_int8 = out.with_name(ALL_INT8)
     out.replace(all_int8)
     chosen: list[str] = []
     reached = record["agreement_int8"]
-    for node in ranked[:budget]:
+    for _, node in gains[:budget]:
         chosen.append(node)
-        _int8(job, out, for_tensorrt=False, float_nodes=chosen)
+        quantize(out, chosen)
         reached = agreement(out)
         if reached >= min_agreement:
             break
-    one = images[:1]
-    record.update(
-        float_layers=chosen,
-        agreement_mixed=reached,
-        p50_ms_batch1={"int8": _p50_ms(all_int8, one), "mixed": _p50_ms(out, one)},
-    )
-    trial.unlink(missing_ok=True)
-    all_int8.unlink(missing_ok=True)
+    record.update(float_layers=chosen, agreement_mixed=reached, all_int8=all_int8.name)
     log.info(
         "mixed precision: %s kept in float, held-out agreement %.4f -> %.4f", chosen, record["agreement_int8"], reached
     )
@@ -269,11 +260,18 @@ class OnnxInt8Format(ExportFormat):
         out = _int8(job, job.out_dir / self.artifact_name(job), for_tensorrt=False)
         budget = job.settings.mixed_precision
         if budget > 0:
+            if job.heldout is None:
+                raise ValueError("mixed precision needs held-out images")
             gate = job.settings.parity.min_agreement
             min_agreement = gate if gate is not None else self.parity["min_agreement"]
             assert min_agreement is not None  # onnx-int8 always gates agreement
-            record = mixed_precision(job, out, budget, float(min_agreement))
-            atomic_write_json(job.out_dir / "mixed_precision.json", record)
+
+            def quantize(path: Path, float_nodes: Sequence[str]) -> Path:
+                return _int8(job, path, for_tensorrt=False, float_nodes=float_nodes)
+
+            record = mixed_precision(
+                job.fp32_path, out, quantize, job.heldout(512).numpy(), budget, float(min_agreement)
+            )
             job.info["mixed_precision"] = record
         return out
 
@@ -295,7 +293,9 @@ class TensorRTFormat(ExportFormat):
         trt = job.settings.tensorrt
         source = job.fp32_path
         if trt.precision == "int8":
-            source = _int8(job, job.out_dir / "model.int8.onnx", for_tensorrt=True)
+            # a qad stage's QDQ graph when the export needs one, else post-training quantization here
+            source = job.qdq_source or _int8(job, job.out_dir / "model.int8.onnx", for_tensorrt=True)
+            job.info["engine_source"] = str(source.relative_to(job.out_dir.parent))  # relative to the run directory
         elif trt.precision == "fp16":
             source = convert_fp16(job.fp32_path, job.out_dir / "model.fp16.onnx")
         out = job.out_dir / self.artifact_name(job)

@@ -1,11 +1,12 @@
 """Quantization-aware distillation (QAD): the pieces the ``qad`` stage puts together, on NVIDIA ModelOpt.
 
-1. ``fold_batchnorm``: BatchNorm folded into the preceding convolutions (``torch.fx``'s conv-bn fusion), so the
+1. ``fold_batchnorm``: BatchNorm folded into the preceding convolutions (pairs found with ``torch.fx``), so the
    weights that are fake-quantized during fine-tuning are the weights the deployed int8 convolutions use; an
    unfolded BN would stay a float op after every int8 conv in onnxruntime's graph.
-2. ``quantize_model``: ModelOpt's ``mtq.quantize`` with its INT8 default configuration (8-bit per-output-channel
-   weights, 8-bit per-tensor activations, max calibration), calibrated on training images. Fake quantization is
-   ModelOpt's (its ``TensorQuantizer`` with a straight-through gradient); kdpipe writes no quantization kernel.
+2. ``quantize_model``: ModelOpt's ``mtq.quantize`` with an int8 configuration for vision networks (``int8_config``:
+   per-output-channel weights, 8-bit per-tensor activations, max calibration), calibrated on training images. Fake
+   quantization is ModelOpt's (its ``TensorQuantizer`` with a straight-through gradient); kdpipe writes no
+   quantization kernel.
 3. The fake-quantized student is fine-tuned by the kdpipe trainer with a distillation loss from the teacher.
 4. ``export_qdq_onnx``: the TorchScript ONNX exporter turns ModelOpt's quantizers into QuantizeLinear /
    DequantizeLinear pairs (signed, symmetric: what TensorRT builds int8 engines from and onnxruntime runs).
@@ -37,18 +38,75 @@ QDQ_CHECK_RTOL = 0.05
 round differently from the float emulation that was traced. Accuracy is gated by the parity check on real images."""
 
 
+def _trace_with_batchnorm_leaves(model: nn.Module) -> Any:
+    """A ``torch.fx`` graph of ``model`` that keeps every BatchNorm module (timm's ``BatchNormAct2d`` included) as
+    one call, so it shows which convolution feeds which BatchNorm."""
+    import torch.fx as fx
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, _BatchNorm) or super().is_leaf_module(m, qualname)
+
+    return Tracer().trace(model)
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``(conv, batchnorm)`` module names where a ``Conv2d``'s output feeds only a ``BatchNorm2d`` (or a subclass) and
+    both are called once per forward: the pairs that fold into one convolution. Raises whatever ``torch.fx`` raises
+    on a model it cannot trace."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    graph = _trace_with_batchnorm_leaves(model)
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _BatchNorm) or not node.args:
+            continue
+        src = node.args[0]
+        if (
+            getattr(src, "op", None) == "call_module"
+            and isinstance(modules.get(src.target), nn.Conv2d)
+            and len(src.users) == 1
+            and calls[src.target] == 1
+            and calls[node.target] == 1
+        ):
+            pairs.append((str(src.target), str(node.target)))
+    return pairs
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` (eval mode) with every Conv-BatchNorm pair folded into one convolution (``torch.fx``).
-    A model ``torch.fx`` cannot trace is returned unfolded, with a warning: its BatchNorms stay float ops."""
-    from torch.fx.experimental.optimization import fuse
+    """A copy of ``model`` (eval mode) with every Conv-BatchNorm pair folded into the convolution, in place: the
+    network keeps its class, module names and ``feature_info`` (so feature-based methods and taps still find their
+    layers); each folded BatchNorm becomes ``nn.Identity`` (timm's ``BatchNormAct2d`` keeps its dropout and
+    activation). A model ``torch.fx`` cannot trace is returned unfolded, with a warning: its BatchNorms stay float
+    ops after the int8 convolutions."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     net = copy.deepcopy(model).eval()
     try:
-        folded: nn.Module = fuse(net)
+        pairs = conv_bn_pairs(net)
     except Exception as exc:  # fx tracing fails on data-dependent control flow
         log.warning("qad: BatchNorm not folded (%s: %s); it stays a float op after each conv", type(exc).__name__, exc)
         return net
-    return folded
+    for conv_name, bn_name in pairs:
+        conv, bn = net.get_submodule(conv_name), net.get_submodule(bn_name)
+        assert isinstance(conv, nn.Conv2d) and isinstance(bn, _BatchNorm)  # as conv_bn_pairs found them
+        _set_submodule(net, conv_name, fuse_conv_bn_eval(conv, bn))
+        rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]  # BatchNormAct2d
+        _set_submodule(net, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
+    log.debug("qad: folded %d BatchNorm layers into their convolutions", len(pairs))
+    return net
 
 
 def _batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
@@ -56,9 +114,30 @@ def _batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         yield images[start : start + batch_size]
 
 
-def quantize_model(model: nn.Module, calibration: torch.Tensor, *, batch_size: int = 64) -> nn.Module:
-    """``model`` with ModelOpt INT8 fake quantization inserted (in place) and calibrated on ``calibration``
-    (normalised images, on the model's device). Raises ConfigError when ModelOpt finds nothing to quantize."""
+def int8_config(weight_bits: int = 8) -> dict[str, Any]:
+    """kdpipe's ModelOpt quantization config for a vision network: every Conv/Linear weight per output channel with
+    ``weight_bits`` bits (7 matches onnxruntime's reduced-range CPU weights), every layer input per tensor with 8
+    bits, max calibration; BatchNorm left alone. ModelOpt's ``INT8_DEFAULT_CFG`` is the same plus rules that switch
+    quantizers off by language-model module names (``*output_layer*``, ``*router*``, ``output.*``, ...), which would
+    silently leave a vision layer of such a name in float."""
+    off = [{"quantizer_name": "*", "parent_class": f"nn.BatchNorm{d}d", "enable": False} for d in (1, 2, 3)]
+    return {
+        "quant_cfg": [
+            {"quantizer_name": "*", "enable": False},
+            {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": weight_bits, "axis": 0}},
+            {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": 8, "axis": None}},
+            *off,
+        ],
+        "algorithm": "max",
+    }
+
+
+def quantize_model(
+    model: nn.Module, calibration: torch.Tensor, *, weight_bits: int = 8, batch_size: int = 64
+) -> nn.Module:
+    """``model`` with ModelOpt int8 fake quantization (``int8_config(weight_bits)``) inserted in place and calibrated
+    on ``calibration`` (normalised images, on the model's device). Raises ConfigError when ModelOpt finds nothing to
+    quantize."""
     mtq: Any = require_module("modelopt.torch.quantization", purpose="quantization-aware distillation")
     if len(calibration) == 0:
         raise ConfigError("qad: no calibration images (the train split is empty)")
@@ -69,7 +148,7 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor, *, batch_size: i
                 net(batch)
 
     model.eval()
-    quantized: nn.Module = mtq.quantize(model, mtq.INT8_DEFAULT_CFG, forward_loop=forward_loop)
+    quantized: nn.Module = mtq.quantize(model, int8_config(weight_bits), forward_loop=forward_loop)
     if not quantizers(quantized):
         raise ConfigError(
             f"qad: ModelOpt inserted no quantizer into {type(model).__name__}: it has no Conv/Linear layer it knows",
@@ -79,12 +158,13 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor, *, batch_size: i
 
 
 def unquantized_layers(model: nn.Module) -> dict[str, str]:
-    """Layers with a weight matrix or kernel (a parameter of two or more dimensions) that ModelOpt did not wrap with a
-    weight quantizer, by name -> type: they would stay float in the int8 graph."""
+    """Layers with a weight matrix or kernel (a parameter of two or more dimensions) whose weight ModelOpt does not
+    quantize (no weight quantizer, or a disabled one), by name -> type: they would stay float in the int8 graph."""
     out = {}
     for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if p.ndim >= 2]
-        if own and not hasattr(module, "weight_quantizer"):
+        quantizer = getattr(module, "weight_quantizer", None)
+        if own and not (quantizer is not None and quantizer.is_enabled):
             out[name] = type(module).__name__
     return out
 
@@ -96,6 +176,20 @@ def without_quantizers(model: nn.Module) -> nn.Module:
     plain = copy.deepcopy(model)
     mtq.disable_quantizer(plain, "*")
     return plain
+
+
+def with_8bit_weights(model: nn.Module) -> nn.Module:
+    """``model`` itself when every weight quantizer has 8 bits, else a copy whose weight quantizers have 8 bits (same
+    per-channel ranges, twice the levels): ModelOpt exports int8 QDQ only, and a network fine-tuned with 7-bit weights
+    for onnxruntime loses nothing in TensorRT's finer 8-bit grid."""
+    weight = {n: q for n, q in quantizers(model).items() if n.endswith("weight_quantizer")}
+    if all(q.num_bits == 8 for q in weight.values()):
+        return model
+    copied = copy.deepcopy(model)
+    for name, quantizer in quantizers(copied).items():
+        if name.endswith("weight_quantizer"):
+            quantizer.num_bits = 8
+    return copied
 
 
 def quantizers(model: nn.Module) -> dict[str, Any]:
@@ -158,11 +252,11 @@ def export_qdq_onnx(
     simplify: bool = False,
     metadata: dict[str, str] | None = None,
 ) -> OnnxExport:
-    """Export a fake-quantized ``model`` as a QDQ ONNX graph (``export_onnx`` with ``precision="int8-qdq"``) and
-    check that it holds Q/DQ pairs. onnxslim is off by default: it may fold the DequantizeLinear of a weight into a
-    float constant, which would turn the int8 graph back into a float one."""
+    """Export a fake-quantized ``model`` as a QDQ ONNX graph (``export_onnx`` with ``precision="int8-qdq"``; weights
+    in 8 bits, see ``with_8bit_weights``) and check that it holds Q/DQ pairs. onnxslim is off by default: it may fold
+    the DequantizeLinear of a weight into a float constant, which would turn the int8 graph back into a float one."""
     out = export_onnx(
-        model,
+        with_8bit_weights(model),
         path,
         preprocessing=preprocessing,
         opset=opset,

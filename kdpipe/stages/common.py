@@ -157,6 +157,30 @@ def train_method(
     ).fit()
 
 
+def upstream_stage(loaded: LoadedConfig, name: str, provides: str) -> tuple[str, Any] | None:
+    """(name, config) of the stage ``StageContext.find(provides)`` will give stage ``name`` at run time: the first
+    of its direct ``needs`` that provides it, else the nearest such stage among those it depends on (``needs``
+    followed transitively; a stage without ``needs`` depends on the one above it). For preflight checks."""
+    from kdpipe.registry import STAGES
+
+    stages = loaded.config.stages
+    names = list(stages)
+    upstream: dict[str, set[str]] = {}
+    direct: dict[str, list[str]] = {}
+    for index, stage_name in enumerate(names):
+        cfg = stages[stage_name]
+        needs = list(cfg.needs) if cfg.needs is not None else names[index - 1 : index]
+        direct[stage_name] = [n for n in needs if n in upstream]
+        upstream[stage_name] = set(direct[stage_name]).union(*(upstream[n] for n in direct[stage_name]))
+        if stage_name == name:
+            break
+    before = [n for n in names if n in upstream.get(name, set())]
+    for candidate in [*direct.get(name, []), *reversed(before)]:
+        if provides in STAGES.get(stages[candidate].type).provides:
+            return candidate, stages[candidate]
+    return None
+
+
 def check_early_stopping(train: TrainConfig | None, loc: tuple[str, ...], loaded: LoadedConfig) -> None:
     """``train.early_stopping`` decides on the eval split, which is the test split while data.val_fraction is 0:
     refused there, so a run never picks its weights by test accuracy. ``loc`` is the train block's key path."""

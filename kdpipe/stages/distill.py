@@ -28,6 +28,7 @@ from kdpipe.stages.common import (
     save_stage_model,
     test_loader,
     train_method,
+    upstream_stage,
 )
 from kdpipe.stages.outputs import ModelOutput
 from kdpipe.stages.teacher import ModelWeights, check_checkpoint
@@ -109,7 +110,7 @@ class DistillStage(Stage):
                 "but data.val_fraction is 0",
                 hint="set data.val_fraction (e.g. 0.1)",
             )
-        teacher_stage = _teacher_stage(name, config, loaded) if method_cls.teacher_role != "none" else None
+        teacher_stage = upstream_stage(loaded, name, "teacher") if method_cls.teacher_role != "none" else None
         teacher = str(teacher_stage[1].model) if teacher_stage is not None else None
         if method_cls.teacher_role == "frozen" and teacher_stage is not None and teacher_stage[1].weights is None:
             raise ConfigError(
@@ -207,17 +208,3 @@ class DistillStage(Stage):
             summary=f"{label}: test top-1 {test.top1:.4f}, {metrics['params'] / 1e6:.2f}M params",
             info=info,
         )
-
-
-def _teacher_stage(name: str, config: Any, loaded: LoadedConfig) -> tuple[str, Any] | None:
-    """(name, config) of the teacher stage this distill stage will use: the first of its direct ``needs`` that
-    provides "teacher", else the nearest such stage above it (as ``StageContext.find`` resolves it at run time)."""
-    stages = loaded.config.stages
-    names = list(stages)
-    earlier = names[: names.index(name)]
-    candidates = [n for n in (config.needs or ()) if n in earlier] + list(reversed(earlier))
-    for candidate in candidates:
-        stage = stages[candidate]
-        if "teacher" in STAGES.get(stage.type).provides:
-            return candidate, stage
-    return None

@@ -152,6 +152,15 @@ class ExportStage(Stage):
     @classmethod
     def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:
         check_opset_field(name, config.opset, loaded)
+        names = list(loaded.config.stages)
+        needs = config.needs if config.needs is not None else names[max(names.index(name) - 1, 0) : names.index(name)]
+        qad = [n for n in needs if loaded.config.stages[n].type == "qad"]
+        if qad and config.format == "tensorrt" and config.tensorrt.precision != "int8":
+            raise ConfigError(
+                f"{loaded.where(('stages', name, 'tensorrt'))}: stages.{name}.tensorrt.precision: an engine built "
+                f"after qad stage {qad[0]!r} is int8, from its fine-tuned QDQ graph",
+                hint=f"set stages.{name}.tensorrt.precision: int8, or drop {qad[0]!r} from its needs",
+            )
 
     def run(self) -> StageResult:
         from kdpipe.exports import export_onnx
@@ -180,16 +189,11 @@ class ExportStage(Stage):
             return normalize(splits.train.load(first), splits.mean, splits.std)
 
         def heldout(n: int) -> torch.Tensor:
-            if splits.val is not None and len(splits.val) > 0:
-                split, start = splits.val, 0
-            else:  # training images the calibration did not see
-                split, start = splits.train, min(cfg.calibration_samples, len(splits.train))
-            idx = torch.arange(start, min(start + n, len(split)))
-            if len(idx) == 0:
-                idx = torch.arange(min(n, len(split)))
-            return normalize(split.load(idx), splits.mean, splits.std)
+            return heldout_images(splits, cfg.calibration_samples, n)
 
+        qdq = upstream_qdq_graph(ctx)
         job = ExportJob(
+            qdq_source=qdq[1] if qdq is not None else None,
             model=model,
             fp32_path=fp32_path,
             onnx=onnx_info,
@@ -203,6 +207,9 @@ class ExportStage(Stage):
         artifact = fmt.export(job)
         if artifact.suffix != fmt.suffix or not artifact.is_file():
             raise StageError(f"export format {fmt.name!r} did not write a {fmt.suffix} file (got {artifact})")
+        mixed = job.info.get("mixed_precision")
+        if mixed is not None:
+            record_mixed_precision(ctx.dir, artifact, mixed, job.input_shape)
 
         run_exported, batch = fmt.open_runner(artifact, job)
         return gate_and_record(
@@ -222,10 +229,57 @@ class ExportStage(Stage):
             opset=cfg.opset,
             extra_artifacts={
                 **({"fp32": fp32_path.name} if artifact != fp32_path and fp32_path.is_file() else {}),
-                **({"mixed_precision": "mixed_precision.json"} if "mixed_precision" in job.info else {}),
+                **(mixed_precision_artifacts(mixed) if mixed is not None else {}),
             },
             extra_info=job.info,
         )
+
+
+def upstream_qdq_graph(ctx: Any) -> tuple[str, Path] | None:
+    """(stage, path) of the signed QDQ graph a stage this one directly needs recorded (a qad stage's), if any."""
+    for record in ctx.upstream:
+        if record.name in ctx.needs and "export" in STAGES.get(record.type).provides:
+            key = record.output(ExportOutput).qdq_graph
+            if key is not None:
+                return record.name, record.artifact(key)
+    return None
+
+
+def heldout_images(splits: Any, calibration_samples: int, n: int) -> torch.Tensor:
+    """Up to ``n`` normalised images neither calibrated on nor tested on: the validation split, else the training
+    images after the first ``calibration_samples`` (all training images when none are left: tiny datasets)."""
+    if splits.val is not None and len(splits.val) > 0:
+        split, start = splits.val, 0
+    else:  # training images the calibration did not see
+        split, start = splits.train, min(calibration_samples, len(splits.train))
+    idx = torch.arange(start, min(start + n, len(split)))
+    if len(idx) == 0:
+        idx = torch.arange(min(n, len(split)))
+    return normalize(split.load(idx), splits.mean, splits.std)
+
+
+def record_mixed_precision(
+    out_dir: Path, artifact: Path, record: dict[str, Any], input_shape: tuple[int, int, int]
+) -> None:
+    """Finish a mixed-precision record (``kdpipe.exports.mixed_precision``): when layers were kept in float, the
+    latency cost, measured by the benchmark machinery on onnxruntime at batch 1 (p50 of the all-int8 graph and of the
+    mixed one, torch's thread count); then write it to ``mixed_precision.json``."""
+    if record.get("float_layers"):
+        from kdpipe.bench import BenchTarget, run_benchmark
+
+        graphs = {"int8": out_dir / record["all_int8"], "mixed": artifact}
+        targets = [BenchTarget(label, "onnxruntime", path) for label, path in graphs.items()]
+        cells = run_benchmark(targets, [1], input_shape, warmup=10, min_iterations=50, min_time_s=0.5, device="cpu")
+        record["p50_ms_batch1"] = {c.model: c.p50_ms for c in cells}
+    atomic_write_json(out_dir / "mixed_precision.json", record)
+
+
+def mixed_precision_artifacts(record: dict[str, Any]) -> dict[str, str]:
+    """The files a mixed-precision search leaves in the stage folder, by artifact key."""
+    files = {"mixed_precision": "mixed_precision.json"}
+    if "all_int8" in record:
+        files["all_int8"] = record["all_int8"]
+    return files
 
 
 def check_opset_field(name: str, opset: int, loaded: LoadedConfig) -> None:

@@ -56,6 +56,11 @@ class ExportOutput(GatesOutput):
     """The parity report (parity.json): measured values, tolerances, gates."""
     mixed_precision: dict[str, Any] | None = None
     """onnx-int8 with ``mixed_precision``: the layers kept in float, held-out agreements, batch-1 latencies."""
+    qdq_graph: str | None = None
+    """Artifact key of a signed symmetric QDQ graph (a qad stage's ModelOpt graph): what an int8 TensorRT export that
+    needs this stage builds its engine from, instead of quantizing the fp32 student itself."""
+    qad: dict[str, Any] | None = None
+    """A qad stage's facts: fp32, post-training-quantization and QAD top-1, the method, the fine-tuning history."""
 
 
 class BenchmarkOutput(Output):

@@ -1,0 +1,80 @@
+"""The QAD building blocks on their own: BatchNorm folding that keeps the network's class and layer names (so feature
+methods and taps still find their layers), kdpipe's ModelOpt int8 config, and 8-bit weights for TensorRT's graph."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+pytest.importorskip("modelopt.torch.quantization", reason="needs nvidia-modelopt (kdpipe[export])")
+
+import kdpipe  # noqa: F401  (registers the CIFAR models with timm)
+from kdpipe.exports.qad import (
+    conv_bn_pairs,
+    fold_batchnorm,
+    quantize_model,
+    quantizers,
+    unquantized_layers,
+    with_8bit_weights,
+)
+
+
+def _with_moving_statistics(model: nn.Module) -> nn.Module:
+    """BatchNorm statistics and affine parameters away from the identity, so a fold that drops them shows."""
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["resnet8", "mobilenetv2_x0_5_cifar", "mobilenetv3_small_050"])
+def test_batchnorm_folds_into_the_convolutions_in_place(name: str) -> None:
+    """Every BatchNorm (timm's BatchNormAct2d, which also applies the activation, included) is folded: the network
+    computes the same logits, keeps its class, module names and feature_info, and has no BatchNorm left."""
+    model = _with_moving_statistics(timm.create_model(name, num_classes=10))
+    bns = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    folded = fold_batchnorm(model)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    assert len(conv_bn_pairs(model)) == bns  # every one of them found its convolution
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert type(folded) is type(model) and getattr(folded, "feature_info", None) == getattr(model, "feature_info", None)
+    convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert convs == {n for n, m in folded.named_modules() if isinstance(m, nn.Conv2d)}
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is left alone
+
+
+def test_a_batchnorm_that_does_not_follow_a_convolution_is_kept() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    assert conv_bn_pairs(net) == [("3", "4")]
+    folded = fold_batchnorm(_with_moving_statistics(net))
+    assert isinstance(folded[2], nn.BatchNorm2d) and isinstance(folded[4], nn.Identity)
+
+
+def test_a_layer_named_like_a_language_model_head_is_still_quantized() -> None:
+    """ModelOpt's INT8_DEFAULT_CFG switches quantizers off by LLM module names (``output.*``, ``*router*``); kdpipe's
+    config quantizes every Conv/Linear of a vision network whatever its name."""
+    net = nn.Sequential()
+    net.add_module("router", nn.Conv2d(3, 8, 3))
+    net.add_module("pool", nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    net.add_module("output", nn.Linear(8, 4))
+    quantized = quantize_model(net, torch.randn(8, 3, 8, 8))
+    assert unquantized_layers(quantized) == {}
+    assert {"router.weight_quantizer", "output.weight_quantizer", "output.input_quantizer"} <= set(quantizers(quantized))
+
+
+def test_seven_bit_weights_are_exported_on_trt_s_eight_bit_grid() -> None:
+    quantized = quantize_model(nn.Sequential(nn.Conv2d(3, 8, 3)), torch.randn(8, 3, 8, 8), weight_bits=7)
+    assert quantized[0].weight_quantizer.num_bits == 7
+    eight = with_8bit_weights(quantized)
+    assert eight is not quantized and eight[0].weight_quantizer.num_bits == 8
+    assert quantized[0].weight_quantizer.num_bits == 7  # the fine-tuned network is left as it is
+    torch.testing.assert_close(eight[0].weight_quantizer.amax, quantized[0].weight_quantizer.amax)
+    assert with_8bit_weights(eight) is eight

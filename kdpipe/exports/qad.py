@@ -1,8 +1,9 @@
 """Quantization-aware distillation (QAD): the pieces the ``qad`` stage puts together, on NVIDIA ModelOpt.
 
-1. ``fold_batchnorm``: BatchNorm folded into the preceding convolutions (pairs found with ``torch.fx``), so the
-   weights that are fake-quantized during fine-tuning are the weights the deployed int8 convolutions use; an
-   unfolded BN would stay a float op after every int8 conv in onnxruntime's graph.
+1. ``fold_batchnorm`` (optional, off in the qad stage by default): BatchNorm folded into the preceding convolutions
+   (pairs found with ``torch.fx``), in place, so the network keeps its class and layer names. Per-output-channel
+   weight quantization gives a convolution the same int8 grid folded or not, so folding before fine-tuning is a
+   choice of training dynamics (no normalisation left), not of fidelity.
 2. ``quantize_model``: ModelOpt's ``mtq.quantize`` with an int8 configuration for vision networks (``int8_config``:
    per-output-channel weights, 8-bit per-tensor activations, max calibration), calibrated on training images. Fake
    quantization is ModelOpt's (its ``TensorQuantizer`` with a straight-through gradient); kdpipe writes no
@@ -114,17 +115,18 @@ def _batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         yield images[start : start + batch_size]
 
 
-def int8_config(weight_bits: int = 8) -> dict[str, Any]:
-    """kdpipe's ModelOpt quantization config for a vision network: every Conv/Linear weight per output channel with
-    ``weight_bits`` bits (7 matches onnxruntime's reduced-range CPU weights), every layer input per tensor with 8
-    bits, max calibration; BatchNorm left alone. ModelOpt's ``INT8_DEFAULT_CFG`` is the same plus rules that switch
-    quantizers off by language-model module names (``*output_layer*``, ``*router*``, ``output.*``, ...), which would
-    silently leave a vision layer of such a name in float."""
+def int8_config(weight_bits: int = 8, per_channel: bool = True) -> dict[str, Any]:
+    """kdpipe's ModelOpt quantization config for a vision network: every Conv/Linear weight per output channel (or
+    per tensor) with ``weight_bits`` bits (7 matches onnxruntime's reduced-range CPU weights), every layer input per
+    tensor with 8 bits, max calibration; BatchNorm left alone. ModelOpt's ``INT8_DEFAULT_CFG`` is the same plus rules
+    that switch quantizers off by language-model module names (``*output_layer*``, ``*router*``, ``output.*``, ...),
+    which would silently leave a vision layer of such a name in float."""
     off = [{"quantizer_name": "*", "parent_class": f"nn.BatchNorm{d}d", "enable": False} for d in (1, 2, 3)]
+    axis = 0 if per_channel else None  # output channels of Conv/Linear weights
     return {
         "quant_cfg": [
             {"quantizer_name": "*", "enable": False},
-            {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": weight_bits, "axis": 0}},
+            {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": weight_bits, "axis": axis}},
             {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": 8, "axis": None}},
             *off,
         ],
@@ -133,11 +135,16 @@ def int8_config(weight_bits: int = 8) -> dict[str, Any]:
 
 
 def quantize_model(
-    model: nn.Module, calibration: torch.Tensor, *, weight_bits: int = 8, batch_size: int = 64
+    model: nn.Module,
+    calibration: torch.Tensor,
+    *,
+    weight_bits: int = 8,
+    per_channel: bool = True,
+    batch_size: int = 64,
 ) -> nn.Module:
-    """``model`` with ModelOpt int8 fake quantization (``int8_config(weight_bits)``) inserted in place and calibrated
-    on ``calibration`` (normalised images, on the model's device). Raises ConfigError when ModelOpt finds nothing to
-    quantize."""
+    """``model`` with ModelOpt int8 fake quantization (``int8_config(weight_bits, per_channel)``) inserted in place
+    and calibrated on ``calibration`` (normalised images, on the model's device). Raises ConfigError when ModelOpt
+    finds nothing to quantize."""
     mtq: Any = require_module("modelopt.torch.quantization", purpose="quantization-aware distillation")
     if len(calibration) == 0:
         raise ConfigError("qad: no calibration images (the train split is empty)")
@@ -148,7 +155,7 @@ def quantize_model(
                 net(batch)
 
     model.eval()
-    quantized: nn.Module = mtq.quantize(model, int8_config(weight_bits), forward_loop=forward_loop)
+    quantized: nn.Module = mtq.quantize(model, int8_config(weight_bits, per_channel), forward_loop=forward_loop)
     if not quantizers(quantized):
         raise ConfigError(
             f"qad: ModelOpt inserted no quantizer into {type(model).__name__}: it has no Conv/Linear layer it knows",

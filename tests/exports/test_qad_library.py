@@ -67,7 +67,9 @@ def test_a_layer_named_like_a_language_model_head_is_still_quantized() -> None:
     net.add_module("output", nn.Linear(8, 4))
     quantized = quantize_model(net, torch.randn(8, 3, 8, 8))
     assert unquantized_layers(quantized) == {}
-    assert {"router.weight_quantizer", "output.weight_quantizer", "output.input_quantizer"} <= set(quantizers(quantized))
+    assert {"router.weight_quantizer", "output.weight_quantizer", "output.input_quantizer"} <= set(
+        quantizers(quantized)
+    )
 
 
 def test_seven_bit_weights_are_exported_on_trt_s_eight_bit_grid() -> None:

@@ -247,13 +247,22 @@ def _run_main(
 @cli.command()
 @click.argument("config", type=click.Path(path_type=Path))
 @_set_option
+@click.option(
+    "--sub-runs",
+    is_flag=True,
+    help="Print the sub-runs (a sweep's candidates) one per line, for kdpipe run --only on a cluster.",
+)
 @handle_errors
-def validate(config: Path, overrides: tuple[str, ...]) -> None:
+def validate(config: Path, overrides: tuple[str, ...], sub_runs: bool) -> None:
     """Check CONFIG (schema, stage graph, paths) without running anything."""
     from kdpipe.pipeline.runner import preflight
 
     loaded = _load(config, overrides)
     nodes = preflight(loaded)
+    if sub_runs:
+        for scope in dict.fromkeys(n.scope for n in nodes if n.scope is not None):
+            stdout.print(scope, highlight=False)
+        return
     chain = ", ".join(f"{n.name} ({n.type}{' <- ' + '+'.join(n.needs) if n.needs else ''})" for n in nodes)
     stdout.print(f"{config}: ok — {len(nodes)} stages: {chain}", highlight=False, soft_wrap=True)
 

@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     PositiveFloat,
     PositiveInt,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
     create_model,
@@ -262,7 +263,8 @@ class TrackingConfig(StrictModel):
 # ---------------------------------------------------------------------------------------------------------------------
 
 STAGE_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
-"""Stage names become folder names and CLI arguments: keep them plain."""
+"""Stage names become folder names and CLI arguments: keep them plain ("/" is reserved for a sweep's members)."""
+StageName = Annotated[str, StringConstraints(pattern=STAGE_NAME_PATTERN)]
 
 
 class StageConfig(StrictModel):
@@ -320,7 +322,7 @@ def get_pipeline_model() -> type[PipelineBase]:
             "PipelineConfig",
             __base__=PipelineBase,
             __doc__="A kdpipe stages.yaml.",
-            stages=(dict[str, union], Field(min_length=1, description="Stages, run in file order.")),  # type: ignore[valid-type]
+            stages=(dict[StageName, union], Field(min_length=1, description="Stages, run in file order.")),  # type: ignore[valid-type]
         )
         _PIPELINE_MODEL = (generation, model)
     return _PIPELINE_MODEL[1]
@@ -340,6 +342,14 @@ class LoadedConfig:
     base_dir: Path
     raw: dict[str, Any]
     lines: Lines
+    source: LoadedConfig | None = None
+    """The config as the user wrote it, when this one has a sweep's member stages expanded into it (what
+    resolved.yaml and the model card record); None when nothing was expanded."""
+
+    @property
+    def written(self) -> LoadedConfig:
+        """The config as written in the file (before any stage expanded into member stages)."""
+        return self.source or self
 
     def line_of(self, loc: tuple[str | int, ...]) -> int | None:
         return lookup_line(self.lines, loc)
@@ -359,7 +369,7 @@ def format_validation_error(
         loc = tuple(err["loc"])
         line = lookup_line(lines, loc)
         where = f"{path}:{line}" if line else str(path)
-        field = ".".join(str(p) for p in config_path(loc)) or "(top level)"
+        field = ".".join(str(p) for p in config_path(loc) if p != "[key]") or "(top level)"
         source = source_of(loc, applied)
         out.append(f"{where}: {field}: {_describe(err, loc)}" + (f" (set by {source})" if source else ""))
     return "\n".join(out)
@@ -382,6 +392,11 @@ def _describe(err: Any, loc: tuple[str | int, ...]) -> str:
     if kind == "union_tag_not_found":
         disc = str(ctx.get("discriminator", "")).strip("'")
         return f"missing '{disc}'"
+    if kind == "string_pattern_mismatch" and loc and loc[-1] == "[key]":
+        return (
+            f"stage name {err.get('input')!r}: start with a letter and use only letters, digits, '_' and '-' "
+            "(it names the stage's folder and is what --only and needs: take)"
+        )
     if kind == "missing":
         return "required field is missing"
     if kind == "literal_error":

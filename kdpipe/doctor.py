@@ -168,12 +168,13 @@ def check_config(
     from kdpipe.config import load_config
     from kdpipe.overrides import from_env
     from kdpipe.pipeline.checks import preflight, requirements
+    from kdpipe.pipeline.expand import expand_stages
     from kdpipe.pipeline.graph import build_graph
 
     report: dict[str, Any] = {"path": str(path), "valid": False, "error": None, "stages": []}
     reqs: list[Requirement] = []
     try:
-        loaded = load_config(path, [*from_env(os.environ), *overrides])
+        loaded = expand_stages(load_config(path, [*from_env(os.environ), *overrides]))
         nodes = build_graph(loaded)
         report["stages"] = [{"name": n.name, "type": n.type} for n in nodes]
         reqs = requirements(loaded, nodes)

@@ -7,6 +7,7 @@ from kdpipe.config import LoadedConfig
 from kdpipe.data import resolve_root
 from kdpipe.environment import resolve_device
 from kdpipe.errors import DataError
+from kdpipe.pipeline.expand import expand_stages
 from kdpipe.pipeline.graph import Node, build_graph
 from kdpipe.pipeline.normalization import resolve_preprocessing
 from kdpipe.requirements import Requirement, enforce, from_check
@@ -29,7 +30,9 @@ def requirements(loaded: LoadedConfig, nodes: list[Node]) -> list[Requirement]:
 
 def preflight(loaded: LoadedConfig, *, check_requirements: bool = True) -> list[Node]:
     """Every check that needs no work: the graph, data paths, what the config needs from the machine, per-stage
-    checks. Raises before anything is written."""
+    checks. Raises before anything is written. A config with a sweep is checked with its members expanded
+    (``expand_stages``)."""
+    loaded = expand_stages(loaded)
     nodes = build_graph(loaded)
     data = loaded.config.data
     root = resolve_root(data, loaded.base_dir)

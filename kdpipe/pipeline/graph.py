@@ -27,6 +27,17 @@ class Node:
     upstream: tuple[str, ...]
     """All transitive dependencies, in file order."""
 
+    @property
+    def scope(self) -> str | None:
+        """The sub-run a sweep's member stage belongs to (``sweep/resnet8-kd`` for ``sweep/resnet8-kd/distill``):
+        its folder holds the member's own lock file and pid lock. None for a stage of the run itself."""
+        return scope_of(self.name)
+
+
+def scope_of(name: str) -> str | None:
+    """The sub-run of stage ``name`` (everything before its last "/"), or None for a stage of the run itself."""
+    return name.rsplit("/", 1)[0] if "/" in name else None
+
 
 def build_graph(loaded: LoadedConfig) -> list[Node]:
     """Resolve ``needs`` and check requirements; raise ConfigError naming file:line on the first problem."""

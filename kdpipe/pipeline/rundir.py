@@ -7,6 +7,8 @@ runs/<name>/
   run.lock.json        per stage: fingerprint, output hashes, status, duration
   summary.json         the run's outcome for machines (kdpipe.pipeline.summary), rewritten at the end of every run
   <stage>/             one folder per stage with its artifacts and result.json
+  <sweep>/<candidate>/ a sweep's sub-run: its stages' folders, and its own run.lock.json, events.jsonl,
+                       summary.json and .kdpipe.pid (kdpipe run --only <sweep>/<candidate> works there)
   .kdpipe.pid          held (flock) by the live ``kdpipe run``; holds its pid
 """
 
@@ -34,8 +36,12 @@ LOCK_VERSION = 1
 class RunDir:
     """Paths and bookkeeping files of one run directory. Use as a context manager to hold the writer lock."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, shared: bool = False) -> None:
         self.root = Path(root)
+        self.shared = shared
+        """Hold the writer lock shared: several sub-runs (``kdpipe run --only <sweep>/<candidate>``, each holding its
+        own sub-run directory exclusively) may work under one run directory at once, while a whole run, which holds
+        it exclusively, waits for none of them and is refused while any runs."""
         self._lock_fh: IO[str] | None = None
         self.sinks: list[Callable[[dict[str, Any]], None]] = []
         """Called with every event after it is appended (experiment tracking, the run summary). A sink that raises
@@ -62,7 +68,7 @@ class RunDir:
             raise write_error(self.root, exc) from exc
         try:
             # flock is released by the kernel when the holder dies, so a stale lock from a killed run never blocks.
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh.fileno(), (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
@@ -73,10 +79,11 @@ class RunDir:
                 f"run directory {self.root} is in use by another kdpipe run (pid {holder})",
                 hint="wait for it to finish, or write this run elsewhere with --out DIR",
             ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
+        if not self.shared:  # a shared holder leaves the pid of the last exclusive one
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
         self._lock_fh = fh
         return self
 

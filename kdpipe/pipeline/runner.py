@@ -7,6 +7,7 @@ nothing upstream.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -30,8 +31,9 @@ from kdpipe.errors import ConfigError, GateFailed, KdpipeError, StageError, stat
 from kdpipe.fileio import WriteError, atomic_write_json, atomic_write_text
 from kdpipe.pipeline import summary
 from kdpipe.pipeline.checks import preflight
+from kdpipe.pipeline.expand import expand_stages
 from kdpipe.pipeline.fingerprint import fingerprint
-from kdpipe.pipeline.graph import Node, downstream_of
+from kdpipe.pipeline.graph import Node, downstream_of, scope_of
 from kdpipe.pipeline.normalization import resolve_preprocessing
 from kdpipe.pipeline.outcome import RunSummary, StageOutcome
 from kdpipe.pipeline.rundir import RunDir, hash_outputs, outputs_intact
@@ -89,11 +91,18 @@ class Runner:
         """Per stage whose gate failed in this run, every gate it checked (``Gate.to_dict``)."""
         self.summary_document: dict[str, Any] | None = None
         """The last run's summary (what summary.json holds), once a run got as far as writing one."""
+        self.loaded = loaded = expand_stages(loaded)  # a sweep's members are stages like the others
         self.nodes = preflight(loaded)
         names = [n.name for n in self.nodes]
+        self.scopes = sorted({n.scope for n in self.nodes if n.scope is not None})
+        """The sub-runs of the run (a sweep's candidates), each with its own folder, lock file and pid lock."""
         for flag, value in (("--from", from_stage), ("--only", only)):
-            if value is not None and value not in names:
-                raise ConfigError(f"{flag} {value}: no such stage{suggest(value, names)}; stages: {', '.join(names)}")
+            known = names + self.scopes if flag == "--only" else names
+            if value is not None and value not in known:
+                plain = [n for n in known if "/" not in n] + self.scopes
+                raise ConfigError(f"{flag} {value}: no such stage{suggest(value, known)}; stages: {', '.join(plain)}")
+        self.only_scope = only if only in self.scopes else (scope_of(only) if only is not None else None)
+        """The sub-run an ``--only`` run works in (its own lock, events and summary), or None for the run itself."""
         self.world = distributed.world()
         self.device = resolve_device(loaded.config.device, self.world.local_rank if self.world.enabled else None)
 
@@ -111,11 +120,40 @@ class Runner:
             )
         return self._splits
 
-    def _write_run_files(self, env: dict[str, Any]) -> None:
-        resolved = self.loaded.config.model_dump(mode="json")
+    def _write_run_files(self, home: RunDir, env: dict[str, Any]) -> None:
+        resolved = self.loaded.written.config.model_dump(mode="json")
         header = f"# resolved from {self.loaded.path} by kdpipe {kdpipe.__version__}; every default filled in\n"
-        atomic_write_text(self.run_dir.root / "resolved.yaml", header + yaml.safe_dump(resolved, sort_keys=False))
-        atomic_write_json(self.run_dir.root / "environment.json", {**env, "argv": sys.argv})
+        atomic_write_text(home.root / "resolved.yaml", header + yaml.safe_dump(resolved, sort_keys=False))
+        atomic_write_json(home.root / "environment.json", {**env, "argv": sys.argv})
+
+    def _selected(self) -> set[str]:
+        """The stages ``--only`` names: one stage, or every stage of one sub-run."""
+        return {n.name for n in self.nodes if self.only in (n.name, n.scope)}
+
+    def _read_locks(self) -> dict[str, Any]:
+        """Every stage's lock entry: the run's own from its run.lock.json, a sub-run's members from the sub-run's."""
+        entries = {k: v for k, v in self.run_dir.read_lock().items() if scope_of(k) is None}
+        for scope in self.scopes:
+            sub = RunDir(self.run_dir.root / scope).read_lock()
+            entries.update({k: v for k, v in sub.items() if scope_of(k) == scope})
+        return entries
+
+    def _write_lock(self, scope: str | None, lock: dict[str, Any]) -> None:
+        """Write the lock file that holds ``scope``'s stages (the run's own for None) from the merged entries."""
+        rd = self.run_dir if scope is None else RunDir(self.run_dir.root / scope)
+        rd.write_lock({k: v for k, v in lock.items() if scope_of(k) == scope})
+
+    def _hold(self, stack: contextlib.ExitStack) -> RunDir:
+        """Take the writer locks and return the directory this run keeps its events and summary in. A whole run
+        holds the run directory and every sub-run exclusively; ``--only`` of a sub-run (or of one of its stages)
+        holds the run directory shared and its sub-run exclusively, so sub-runs of a sweep can run at once (on
+        several machines sharing the folder) while a whole run waits for none of them."""
+        if self.only_scope is None:
+            for scope in self.scopes:  # first, so a refusal names the sub-run in use and its pid
+                stack.enter_context(RunDir(self.run_dir.root / scope))
+            return stack.enter_context(self.run_dir)
+        stack.enter_context(RunDir(self.run_dir.root, shared=True))
+        return stack.enter_context(RunDir(self.run_dir.root / self.only_scope))
 
     def plan(self, lock: dict[str, Any]) -> dict[str, str]:
         """Decide, before any work, what each stage will do: "run", "skip" (up to date) or "omit" (--only)."""
@@ -123,6 +161,8 @@ class Runner:
         actions: dict[str, str] = {}
         fps: dict[str, str] = {}
         self._data_files = data_identity(self.loaded.config.data, self.loaded.base_dir)
+        selected = self._selected() if self.only is not None else set()
+        needed = {u for n in self.nodes if n.name in selected for u in n.upstream} - selected
         for node in self.nodes:
             fps[node.name] = fp = fingerprint(node, self.loaded, fps, self._data_files)
             entry = lock.get(node.name)
@@ -132,8 +172,8 @@ class Runner:
                 and entry.get("status") == "ok"
                 and outputs_intact(self.run_dir.stage_dir(node.name), entry.get("outputs", {}))
             )
-            if self.only is not None and node.name != self.only:
-                if not up_to_date and node.name in self._upstream_of_only():
+            if self.only is not None and node.name not in selected:
+                if not up_to_date and node.name in needed:
                     raise ConfigError(
                         f"--only {self.only}: it needs stage {node.name!r}, which has no up-to-date result in "
                         f"{self.run_dir.root}",
@@ -149,17 +189,15 @@ class Runner:
         self._fingerprints = fps
         return actions
 
-    def _upstream_of_only(self) -> set[str]:
-        return set(next(n.upstream for n in self.nodes if n.name == self.only))
-
     def run(self) -> RunSummary:
         if not self.world.is_main:
             return self._run_worker()
         t_start, started_at = time.perf_counter(), time.time()
         outcomes: list[StageOutcome] = []
         self._records, self._failed_gates, self.summary_document = {}, {}, None
-        with self.run_dir as rd:
-            lock = rd.read_lock()
+        with contextlib.ExitStack() as stack:
+            rd = self._hold(stack)
+            lock = self._read_locks()
             actions = self.plan(lock)
             if "run" in actions.values():
                 self._data()  # a data problem must surface before anything in the run directory changes
@@ -167,13 +205,13 @@ class Runner:
             env = describe_environment(self.device)
             env["world_size"] = self.world.size
             # From here on the run directory changes, so however the run ends, summary.json records it.
-            self._write_run_files(env)
+            self._write_run_files(rd, env)
             error: BaseException | None = None
             tracker = None
             try:
                 tracker = self._start_tracking(rd)
                 rd.event(None, "run_start", config=str(self.loaded.path), argv=sys.argv, plan=actions)
-                self._run_nodes(actions, lock, env, outcomes)
+                self._run_nodes(rd, actions, lock, env, outcomes)
             except BaseException as exc:
                 error = exc
                 raise
@@ -182,13 +220,17 @@ class Runner:
         return RunSummary(rd.root, outcomes, time.perf_counter() - t_start)
 
     def _run_nodes(
-        self, actions: dict[str, str], lock: dict[str, Any], env: dict[str, Any], out: list[StageOutcome]
+        self, rd: RunDir, actions: dict[str, str], lock: dict[str, Any], env: dict[str, Any], out: list[StageOutcome]
     ) -> None:
-        rd, records, outcomes = self.run_dir, self._records, out
+        records, outcomes = self._records, out
+        failed: set[str] = set()  # members of a sweep whose gate failed in this run, and what depends on them
         for node in self.nodes:
             fp = self._fingerprints[node.name]
-            stage_dir = rd.stage_dir(node.name)
+            stage_dir = self.run_dir.stage_dir(node.name)
             action = actions[node.name]
+            if node.scope is not None and failed.intersection(node.needs):
+                failed.add(node.name)  # the rest of a candidate that missed a gate: the sweep reports it as failed
+                continue
             if action != "run":
                 if lock.get(node.name, {}).get("fingerprint") == fp:
                     records[node.name] = self._record(node, stage_dir)
@@ -200,10 +242,15 @@ class Runner:
                 continue
             t0 = time.perf_counter()
             try:
-                outcome = self._run_stage(node, fp, stage_dir, records, env, lock)
+                outcome = self._run_stage(rd, node, fp, stage_dir, records, env, lock)
             except BaseException as exc:
                 message = exc.message if isinstance(exc, KdpipeError) else f"{type(exc).__name__}: {exc}"
                 outcomes.append(StageOutcome(node.name, node.type, "failed", time.perf_counter() - t0, error=message))
+                if isinstance(exc, GateFailed) and node.scope is not None and self.only_scope is None:
+                    # a sweep member missing its gate takes its candidate out of the choice, not the whole run
+                    log.warning("%s: %s; its candidate is left out of the selection", node.name, exc.message)
+                    failed.add(node.name)
+                    continue
                 raise
             distributed.barrier()  # the other ranks trained with this stage or waited for it
             self._report(outcome, outcomes)
@@ -212,7 +259,7 @@ class Runner:
         """Experiment tracking, when configured."""
         tracker = Tracker.create(self.loaded, rd.root)
         if tracker is not None:
-            resolved = self.loaded.config.model_dump(mode="json")
+            resolved = self.loaded.written.config.model_dump(mode="json")
             tracker.start(resolved, yaml.safe_dump(resolved, sort_keys=False))
             rd.sinks.append(tracker.on_event)
         return tracker
@@ -235,7 +282,9 @@ class Runner:
                 name=self.loaded.config.name,
                 config=self.loaded.path,
                 run_dir=rd.root,
-                stages=summary.stage_entries(rd.root, self.nodes, outcomes, self._records, self._failed_gates, error),
+                stages=summary.stage_entries(
+                    self.run_dir.root, self._summary_nodes(), outcomes, self._records, self._failed_gates, error
+                ),
                 error=error,
                 started_at=started_at,
                 finished_at=time.time(),
@@ -246,8 +295,8 @@ class Runner:
             atomic_write_json(rd.root / summary.SUMMARY_FILE, doc)
             if tracker is not None:
                 training = {n.name for n in self.nodes if n.stage_cls.data_parallel}
-                tracker.log_artifacts(summary.stage_files(rd.root, self._records, self._failed_gates), training,
-                                      [rd.root / f for f in summary.RUN_FILES])  # fmt: skip
+                files = summary.stage_files(self.run_dir.root, self._records, self._failed_gates)
+                tracker.log_artifacts(files, training, [rd.root / f for f in summary.RUN_FILES])
                 tracker.finish(doc["status"], code)
                 if tracker.info() != doc["tracking"]:  # a backend failed at the end: say so in the summary
                     doc["tracking"] = tracker.info()
@@ -258,6 +307,12 @@ class Runner:
             log.warning("could not record the end of the run in %s: %s", rd.root, exc)
         finally:
             rd.sinks = []
+
+    def _summary_nodes(self) -> list[Node]:
+        """The stages a run's summary lists: all of them, or a sub-run's own when ``--only`` ran one."""
+        if self.only_scope is None:
+            return self.nodes
+        return [n for n in self.nodes if n.scope == self.only_scope]
 
     def _run_worker(self) -> RunSummary:
         """A rank other than 0 of a torchrun job: follow rank 0's plan, train the data-parallel stages' shards
@@ -289,7 +344,11 @@ class Runner:
         event: Callable[..., None],
         *,
         is_main: bool = True,
+        failed: dict[str, list[dict[str, Any]]] | None = None,
     ) -> StageContext:
+        # A stage that chose among candidates (a sweep) hides the ones it did not choose from the stages after it, so
+        # they find the chosen candidate's student, exports and benchmark as in a run without a sweep.
+        hidden = {h for u in node.upstream if u in records for h in records[u].result.get("info", {}).get("hides", [])}
         return StageContext(
             name=node.name,
             dir=stage_dir,
@@ -297,7 +356,8 @@ class Runner:
             loaded=self.loaded,
             fingerprint=fp,
             device=self.device,
-            upstream=[records[u] for u in node.upstream if u in records],
+            upstream=[records[u] for u in node.upstream if u in records and u not in hidden],
+            failed_upstream={u: g for u, g in (failed or {}).items() if u in node.upstream},
             needs=node.needs,
             data_provider=self._data,
             event=event,
@@ -323,6 +383,7 @@ class Runner:
 
     def _run_stage(
         self,
+        rd: RunDir,
         node: Node,
         fp: str,
         stage_dir: Path,
@@ -330,12 +391,19 @@ class Runner:
         env: dict[str, Any],
         lock: dict[str, Any],
     ) -> StageOutcome:
-        rd = self.run_dir
         stage_dir.mkdir(parents=True, exist_ok=True)
         # Without result.json the stage's recorded outputs no longer match, so a run that dies half-way through
         # this stage can never leave it looking up to date.
         (stage_dir / RESULT_FILE).unlink(missing_ok=True)
-        ctx = self._context(node, fp, stage_dir, records, env, lambda event, **kw: rd.event(node.name, event, **kw))
+        ctx = self._context(
+            node,
+            fp,
+            stage_dir,
+            records,
+            env,
+            lambda event, **kw: rd.event(node.name, event, **kw),
+            failed=self._failed_gates,
+        )
         rd.event(node.name, "stage_start", fingerprint=fp, type=node.type)
         t0 = time.perf_counter()
         try:
@@ -391,7 +459,7 @@ class Runner:
             "seconds": seconds,
             "finished_at": record["finished_at"],
         }
-        rd.write_lock(lock)
+        self._write_lock(node.scope, lock)
         rd.event(node.name, "stage_end", seconds=seconds, metrics=result.metrics)
         records[node.name] = StageRecord(node.name, node.type, stage_dir, record)
         return StageOutcome(node.name, node.type, "ran", seconds, result.summary, result.metrics)

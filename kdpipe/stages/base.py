@@ -55,6 +55,20 @@ class StageRecord:
 
 
 @dataclass
+class Expansion:
+    """What a stage expands into (``Stage.expand``). Member names are ``<stage>/<sub-run>/<member>``: each sub-run
+    (``<stage>/<sub-run>``, e.g. one student and method of a sweep) has its own folder, lock and pid file, so several
+    can run at once (``kdpipe run --only <stage>/<sub-run>``) and a later whole run collects them."""
+
+    members: dict[str, StageConfig]
+    """Member stage configs by full name, in the order they run."""
+    stage: StageConfig
+    """The expanding stage's own config as it runs after its members (its ``needs`` set to them)."""
+    locations: dict[str, tuple[str | int, ...]] = field(default_factory=dict)
+    """Per member, the key path in the user's file that made it (for file:line in its errors)."""
+
+
+@dataclass
 class StageResult:
     """What a stage returns: metrics (JSON-able), artifacts (key -> path relative to the stage folder), a one-line
     summary for the terminal, and facts later stages may read (``info``)."""
@@ -87,6 +101,9 @@ class StageContext:
     """Engine options stages may honour (e.g. ``stop_after_steps`` for interruption tests)."""
     is_main: bool = True
     """False on the other ranks of a torchrun job: the stage computes (trains its shard) but writes nothing."""
+    failed_upstream: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Stages this one depends on that missed a gate in this run (a sweep's members: the run goes on without them),
+    with every gate each checked (``Gate.to_dict``)."""
 
     @property
     def pipeline(self) -> Any:
@@ -157,6 +174,13 @@ class Stage:
         """Files outside the run directory this stage reads (e.g. a teacher checkpoint): their identity (size and
         modification time) is part of the stage's fingerprint, so a file replaced in place reruns the stage."""
         return []
+
+    @classmethod
+    def expand(cls, name: str, config: Any, loaded: LoadedConfig) -> Expansion | None:
+        """The member stages this stage stands for (a sweep's candidates), or None for an ordinary stage. The engine
+        puts the members before it in file order, each run as a stage of its own (cached, locked, resumable), and
+        the stage itself becomes ``Expansion.stage`` (which needs the members it collects)."""
+        return None
 
     @classmethod
     def preflight(cls, name: str, config: Any, loaded: LoadedConfig) -> None:

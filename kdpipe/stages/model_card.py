@@ -3,12 +3,15 @@ recorded: teacher and student results, the method, the data, the gates, the envi
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from kdpipe.bench import BenchCell, markdown_table
 from kdpipe.config import StageConfig
+from kdpipe.errors import StageError
 from kdpipe.markdown import table
 from kdpipe.model_cards import CardFacts, ModelResult, write_card
 from kdpipe.registry import METHODS, STAGES
@@ -21,9 +24,11 @@ from kdpipe.stages.outputs import (
     GatesOutput,
     ModelOutput,
     ServeOutput,
+    SweepOutput,
 )
 
 PLOT = "latency.png"
+SWEEP_PLOT = "pareto.png"
 
 
 class ModelCardConfig(StageConfig):
@@ -130,9 +135,30 @@ def _qad_section(records: list[StageRecord]) -> str:
     )
 
 
+def _sweep_section(sweep: StageRecord, card_dir: Path) -> str:
+    """How this student was chosen: the sweep's table of candidates (the frontier marked) and its Pareto plot."""
+    out = sweep.output(SweepOutput)
+    text = (
+        f"This model is candidate `{out.selected}`, chosen by sweep `{sweep.name}` among {len(out.rows)} candidates "
+        f"(students x methods x precisions, each distilled from the same teacher, exported and benchmarked); "
+        + "; ".join(g["message"] for g in out.gates)
+        + ".\n\n"
+        + sweep.artifact("table").read_text(encoding="utf-8")
+    )
+    try:
+        plot = sweep.artifact("plot")
+    except StageError:
+        return text
+    shutil.copyfile(plot, card_dir / SWEEP_PLOT)
+    return text + f"\n![accuracy against latency]({SWEEP_PLOT})"
+
+
 def _sections(ctx: StageContext) -> dict[str, str]:
     """Parity, latency and serving sections from the export, benchmark and serve stages upstream."""
     sections: dict[str, str] = {}
+    sweep = ctx.find("sweep")
+    if sweep is not None and sweep.output(SweepOutput).selected is not None:
+        sections["Student selection"] = _sweep_section(sweep, ctx.dir)
     exports = ctx.find_all("export")
     if exports:
         header = ["export", "file", "size", "top-1", "torch top-1", "agreement", "max abs logit diff", "gates"]
@@ -212,7 +238,7 @@ class ModelCardStage(Stage):
         teacher = ctx.find("teacher")
         verify = ctx.find("verify")
         distill_cfg = ctx.pipeline.stages[student.name]
-        resolved = yaml.safe_dump(ctx.pipeline.model_dump(mode="json"), sort_keys=False)
+        resolved = yaml.safe_dump(ctx.loaded.written.config.model_dump(mode="json"), sort_keys=False)
         facts = CardFacts(
             name=ctx.pipeline.name,
             student=_result("student", student),
@@ -243,6 +269,7 @@ class ModelCardStage(Stage):
             facts.extra_sections = {"Online training": _online_section(student), **facts.extra_sections}
         paths = write_card(ctx.dir, facts)
         artifacts = {key: str(path.relative_to(ctx.dir)) for key, path in paths.items()}
-        if (ctx.dir / PLOT).exists():
-            artifacts["plot"] = PLOT
+        for key, name in (("plot", PLOT), ("sweep_plot", SWEEP_PLOT)):
+            if (ctx.dir / name).exists():
+                artifacts[key] = name
         return StageResult(artifacts=artifacts, summary=f"model card {ctx.dir / 'README.md'}")

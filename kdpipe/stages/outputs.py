@@ -63,6 +63,19 @@ class ExportOutput(GatesOutput):
     """A qad stage's facts: fp32, post-training-quantization and QAD top-1, the method, the fine-tuning history."""
 
 
+class SweepOutput(GatesOutput):
+    """A sweep's choice among its candidates (``kdpipe.stages.sweep``)."""
+
+    selected: str | None
+    """The candidate deployed (``<student>-<method>/<precision>``), None when none was measured."""
+    hides: list[str]
+    """The member stages of the candidates not chosen: the engine keeps them from the stages after the sweep, which
+    so find the chosen candidate's student, export and benchmark as in a run without a sweep."""
+    rows: list[dict[str, Any]]
+    """Every candidate's line of the report (params, top-1, agreement, latency, size, Pareto, status)."""
+    frontier: list[str]
+
+
 class BenchmarkOutput(Output):
     cells: list[dict[str, Any]]
     """One ``BenchCell`` dict per (model, backend, batch size)."""

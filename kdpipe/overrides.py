@@ -98,17 +98,34 @@ def apply_override(data: dict[str, Any], override: Override | str) -> tuple[str,
     node: Any = data
     path: list[str] = []
     for part in override.parts[:-1]:
-        key = _match_key(node, part, override.fold_case)
-        path.append(key)
-        nxt = node.get(key)
-        if nxt is None:
-            nxt = node[key] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{override.source}: {'.'.join(path)} is a value, not a mapping")
+        key: Any = _list_index(node, part, path, override) if isinstance(node, list) else None
+        if key is None:
+            key = _match_key(node, part, override.fold_case)
+            nxt = node.get(key)
+            if nxt is None:
+                nxt = node[key] = {}
+        else:
+            nxt = node[key]
+        path.append(str(key))
+        if not isinstance(nxt, (dict, list)):
+            raise ConfigError(f"{override.source}: {'.'.join(path)} is a value, not a mapping or a list")
         node = nxt
-    last = _match_key(node, override.parts[-1], override.fold_case)
+    part = override.parts[-1]
+    if isinstance(node, list):
+        index = _list_index(node, part, path, override)
+        node[index] = value
+        return (*path, str(index))
+    last = _match_key(node, part, override.fold_case)
     node[last] = value
     return (*path, last)
+
+
+def _list_index(node: list[Any], part: str, path: list[str], override: Override) -> int:
+    """``part`` as an index into the list at ``path`` (``stages.sweep.methods.1.temperature``)."""
+    if not part.isdigit() or int(part) >= len(node):
+        where, size = ".".join(path), len(node)
+        raise ConfigError(f"{override.source}: {where} is a list of {size}; {part!r} is not an index (0 to {size - 1})")
+    return int(part)
 
 
 def source_of(loc: tuple[str | int, ...], applied: Iterable[tuple[tuple[str, ...], str]]) -> str | None:

@@ -78,3 +78,48 @@ def test_every_example_validates(path: Path) -> None:
     if root is not None and not (path.parent / root).exists() and not loaded.config.data.download:
         pytest.skip(f"{path.name} reads {root}, which is absent here (the shared data sits beside the checkout)")
     preflight(loaded)
+
+
+SWEEP_DIGITS = REPO / "examples" / "sweep_digits.yaml"
+SHORT = [
+    "stages.teacher.weights.train.epochs=3",
+    "stages.sweep.train.epochs=2",
+    "stages.sweep.verify.min_top1=0.0",
+    "stages.sweep.export.parity.max_top1_drop=1.0",
+    "stages.sweep.benchmark.min_time_s=0.05",
+    "stages.sweep.benchmark.warmup=2",
+    "stages.sweep.select.max=1000",
+]
+"""The sweep example at 2-3 epochs, gates opened: its whole flow (12 candidates, the choice, serve, card) in about a
+minute. The example as written runs in the slow test below and, timed, in benchmarks/digits_example.py."""
+
+
+def _check_sweep_run(run_dir: Path, summary: RunSummary) -> dict:
+    info = json.loads((run_dir / "sweep" / "result.json").read_text())["info"]
+    assert len(info["rows"]) == 12  # 3 students x 2 methods x 2 precisions
+    assert {r["student"] for r in info["rows"]} == {"resnet8", "resnet14", "mobilenetv2_x0_5_cifar"}
+    assert info["selected"] in {r["candidate"] for r in info["rows"] if r["status"] == "ok"}
+    serve = json.loads((run_dir / "serve" / "result.json").read_text())["info"]
+    assert serve["export_stage"] == f"sweep/{info['selected']}"
+    assert "## Student selection" in (run_dir / "card" / "README.md").read_text()
+    assert summary.stages[-1].name == "card"
+    return info
+
+
+def test_the_sweep_example_runs_end_to_end(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    summary = Runner(load_config(SWEEP_DIGITS, SHORT), run_dir).run()
+    info = _check_sweep_run(run_dir, summary)
+    assert all(r["status"] == "ok" for r in info["rows"])
+
+
+@pytest.mark.slow
+def test_the_sweep_example_as_written(tmp_path: Path) -> None:
+    """The example's own schedule and gates: every student above min_top1, int8 within a point of its student, and a
+    budget that some candidates meet."""
+    run_dir = tmp_path / "run"
+    summary = Runner(load_config(SWEEP_DIGITS), run_dir).run()
+    info = _check_sweep_run(run_dir, summary)
+    rows = info["rows"]
+    assert all(r["status"] == "ok" for r in rows), [r.get("reason") for r in rows]
+    assert any(r["latency_ms"] > info["select"]["max"] for r in rows)  # the budget rules some out

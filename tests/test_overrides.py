@@ -95,3 +95,17 @@ def test_command_line_reports_a_bad_variable_in_one_line(write_config: Callable[
     assert result.stderr.startswith("error: KDPIPE_SET_STAGES____EPOCHS: not a key path") and not result.stdout
     ok = CliRunner().invoke(validate, [str(write_config())], env={"KDPIPE_SET_STAGES__DISTILL__TRAIN__EPOCHS": "3"})
     assert ok.exit_code == 0 and ": ok" in ok.stdout
+
+
+def test_set_reaches_into_lists_by_index() -> None:
+    data = {"stages": {"sweep": {"methods": [{"name": "kd"}, {"name": "dkd", "beta": 8.0}], "students": ["a", "b"]}}}
+    assert apply_override(data, "stages.sweep.methods.1.beta=2.0") == ("stages", "sweep", "methods", "1", "beta")
+    apply_override(data, "stages.sweep.students.0=resnet8")
+    assert data["stages"]["sweep"]["methods"][1]["beta"] == 2.0 and data["stages"]["sweep"]["students"] == [
+        "resnet8",
+        "b",
+    ]
+    with pytest.raises(ConfigError, match=r"stages\.sweep\.methods is a list of 2; '5' is not an index \(0 to 1\)"):
+        apply_override(data, "stages.sweep.methods.5.beta=1")
+    with pytest.raises(ConfigError, match=r"'kd' is not an index"):
+        apply_override(data, "stages.sweep.methods.kd.beta=1")

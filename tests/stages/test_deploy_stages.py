@@ -242,3 +242,54 @@ def test_the_card_lists_the_layers_kept_in_float(
     card = ModelCard.load(rd / "card" / "README.md").text
     assert f"`int8` keeps {len(record['float_layers'])} layer(s) in float" in card
     assert f"`{record['float_layers'][0]}`" in card and "batch-1 p50" in card
+
+
+LATENCY_GATE = "  latency:\n    type: verify\n    needs: [bench]\n    max_latency: {{metric: {metric}, max: {max}, batch: 8, backend: onnxruntime{export}}}\n"
+
+
+def _latency_config(metric: str = "p50_ms", max_ms: float = 1000.0, export: str = "") -> str:
+    gate = LATENCY_GATE.format(metric=metric, max=max_ms, export=f", export: {export}" if export else "")
+    return DEPLOY.replace("  serve:\n", gate + "  serve:\n")
+
+
+def test_a_latency_budget_on_a_single_run_passes_and_fails_on_what_the_benchmark_measured(
+    deployed: tuple[Path, RunSummary], write_config: Callable[..., Path]
+) -> None:
+    run_dir, _ = deployed
+    cells = json.loads((run_dir / "bench" / "result.json").read_text())["info"]["cells"]
+    int8 = next(
+        c for c in cells if c["model"] == "resnet8 onnx-int8" and c["backend"] == "onnxruntime" and c["batch_size"] == 8
+    )
+    rd = write_config(DEPLOY).parent / "run"
+    shutil.copytree(run_dir, rd)
+    # one export, a budget just above what it measured: met
+    Runner(
+        load_config(write_config(_latency_config("p99_ms", int8["p99_ms"] * 1.001, "int8"))), rd, only="latency"
+    ).run()
+    gates = json.loads((rd / "latency" / "result.json").read_text())["info"]["gates"]
+    assert [(g["name"], g["value"], g["passed"]) for g in gates] == [("max_p99_ms", int8["p99_ms"], True)]
+    # every onnxruntime export at batch 8, a budget below the int8 graph's: failed, exit 4, the model named
+    with pytest.raises(
+        GateFailed, match=r"resnet8 onnx-int8 on onnxruntime, batch 8: p50_ms .* > .* ms: FAILED"
+    ) as info:
+        Runner(load_config(write_config(_latency_config("p50_ms", int8["p50_ms"] * 0.999))), rd, only="latency").run()
+    assert {g.name for g in info.value.gates} == {"max_p50_ms"} and len(info.value.gates) == 3  # onnx, int8, fp16
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace("batch: 8, backend: onnxruntime", "batch: 4, backend: onnxruntime"), r"stages\.latency\.max_latency\.batch: batch 4 is not benchmarked \(stages\.bench\.batch_sizes: \[1, 8\]\)"),
+        (lambda t: t.replace("backend: onnxruntime}", "backend: tensorrt}"), r"stages\.latency\.max_latency\.backend: 'tensorrt' is not benchmarked"),
+        (lambda t: t.replace("backend: onnxruntime}", "backend: onnxruntime, export: teacher}"), r"max_latency\.export: 'teacher' is not an export stage"),
+        (lambda t: t.replace("    needs: [bench]\n    max_latency", "    needs: [distill]\n    max_latency"), r"stage 'latency' \(verify\) needs a 'benchmark' before it"),
+    ],
+    ids=["batch", "backend", "export", "no-benchmark"],
+)  # fmt: skip
+def test_a_latency_budget_on_what_is_not_benchmarked_is_refused(
+    write_config: Callable[..., Path], edit: Callable[[str], str], message: str
+) -> None:
+    text = edit(_latency_config())
+    with pytest.raises(ConfigError, match=message) as info:
+        preflight(load_config(write_config(text)))
+    assert "stages.yaml:" in str(info.value)

@@ -140,8 +140,8 @@ def _sweep_section(sweep: StageRecord, card_dir: Path) -> str:
     out = sweep.output(SweepOutput)
     text = (
         f"This model is candidate `{out.selected}`, chosen by sweep `{sweep.name}` among {len(out.rows)} candidates "
-        f"(students x methods x precisions, each distilled from the same teacher, exported and benchmarked); "
-        + "; ".join(g["message"] for g in out.gates)
+        f"(students x methods x precisions, each distilled from the same teacher, exported and benchmarked): "
+        + ("; ".join(g["message"] for g in out.gates) or "the most accurate, with no latency budget")
         + ".\n\n"
         + sweep.artifact("table").read_text(encoding="utf-8")
     )

@@ -518,12 +518,16 @@ def pareto_frontier(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def choose(rows: list[dict[str, Any]], select: SweepSelect) -> tuple[str | None, Gate | None]:
-    """The most accurate measured candidate within the budget (ties: the faster), and the budget's gate (None when
-    there is no budget). With no candidate within it, the gate fails and names the closest one."""
+    """The most accurate measured candidate within the budget (ties: the faster), and the gate that chose it (None
+    without a budget). No candidate measured, or none within the budget, is a failed gate; the latter names the
+    closest candidate."""
     measured = [r for r in rows if r["status"] == "ok"]
+    if not measured:
+        message = f"no candidate was measured ({len(rows)} failed or missing): none to deploy"
+        return None, Gate("candidates_measured", 1, 0, False, message)
     if select.max is None:
-        best = max(measured, key=lambda r: (r["top1"], -r["latency_ms"]), default=None)
-        return (best["candidate"] if best else None), None
+        best = max(measured, key=lambda r: (r["top1"], -r["latency_ms"]))
+        return best["candidate"], None
     name = f"max_{select.metric}"
     within = [r for r in measured if r["latency_ms"] <= select.max]
     where = f"{select.metric} at batch {select.batch} on {select.backend}"
@@ -534,9 +538,6 @@ def choose(rows: list[dict[str, Any]], select: SweepSelect) -> tuple[str | None,
             f"{len(within)} within budget (top-1 {best['top1']:.4f})"
         )
         return best["candidate"], Gate(name, select.max, best["latency_ms"], True, message)
-    if not measured:
-        message = f"no candidate was measured ({len(rows)} failed or missing): none to choose within {select.max:g} ms"
-        return None, Gate(name, select.max, float("nan"), False, message)
     closest = min(measured, key=lambda r: r["latency_ms"])
     message = (
         f"no candidate meets the budget {where} <= {select.max:g} ms; the closest is {closest['candidate']} at "

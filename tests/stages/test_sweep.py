@@ -116,7 +116,9 @@ def test_pareto_and_choice_on_a_known_table() -> None:
     chosen, gate = choose(rows, SweepSelect(max=0.5))
     assert chosen is None and gate is not None and not gate.passed
     assert "closest is a at 1.000 ms" in gate.message
-    assert choose(rows, SweepSelect())[0] == "c"  # no budget: the most accurate
+    assert choose(rows, SweepSelect()) == ("c", None)  # no budget: the most accurate
+    nothing, gate = choose(rows[3:], SweepSelect())
+    assert nothing is None and gate is not None and not gate.passed and "no candidate was measured" in gate.message
 
 
 def test_the_card_is_the_selected_candidate_s(swept: Path) -> None:

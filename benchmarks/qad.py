@@ -114,6 +114,7 @@ def student_yaml(args: argparse.Namespace, seed: int, teacher_weights: Path) -> 
                 "student": args.student,
                 "method": {"name": "kd", "temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9},
                 "train": _train(args.epochs, 0.05),
+                "precision": "fp32",  # as the teacher and the qad stage: no bf16 in the comparison
             },
             "onnx": {"type": "export", "format": "onnx", "parity": {"max_abs_diff": 1e-2}},
             "ptq": {"type": "export", "needs": ["distill"], **int8, "parity": OPEN},

@@ -100,6 +100,7 @@ def facts() -> dict[str, Any]:
     """Everything ``kdpipe doctor`` reports about the machine."""
     import torch
 
+    from kdpipe.distill.precision import cpu_bf16
     from kdpipe.exports.tensorrt import tensorrt_version
 
     packages: dict[str, Any] = {label: _imported_version(module) for label, module in (*_CORE, *_EXPORT)}
@@ -131,6 +132,7 @@ def facts() -> dict[str, Any]:
             "usable": usable,
             "torch_threads": torch.get_num_threads(),
             "vnni": cpu_vnni(),
+            "bf16": dict(zip(("native", "detail"), cpu_bf16(), strict=True)),
         },
         "plugins": {"loaded": plugins.load_plugins(), "failed": dict(plugins.FAILED)},
     }
@@ -225,6 +227,14 @@ def render(info: dict[str, Any]) -> str:
             else "keep onnx-int8's default 7-bit weights (reduce_range): 8-bit ones saturate here"
         )
         lines.append(_line("VNNI", "yes" if cpu["vnni"] else "no", note))
+    bf16 = cpu.get("bf16")
+    if bf16 is not None:
+        if bf16["native"]:
+            lines.append(
+                _line("CPU bf16", f"yes ({bf16['detail']})", "precision: bf16 trains with bf16 autocast on it")
+            )
+        else:
+            lines.append(_line("CPU bf16", "no", "precision: bf16 trains in fp32 on this CPU: " + bf16["detail"]))
     for name, module in info.get("plugins", {}).get("loaded", {}).items():
         lines.append(_line(f"plugin {name}", "loaded", module))
     for name, error in info.get("plugins", {}).get("failed", {}).items():

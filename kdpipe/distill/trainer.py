@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,7 @@ from kdpipe.config import TrainConfig
 from kdpipe.distill.early_stopping import EarlyStopping
 from kdpipe.distill.evaluate import EvalResult, evaluate
 from kdpipe.distill.methods.base import KDMethod
+from kdpipe.distill.precision import Precision, resolve_precision
 from kdpipe.distill.step import Build, StepControl
 from kdpipe.errors import ConfigError, DataError, Interrupted
 from kdpipe.fileio import atomic_write_with, zip_damage
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "kdpipe-train-checkpoint/2"
 """/2: methods keep their epoch statistics in an ``EpochStats`` submodule (state_dict keys ``stats.*``)."""
-Precision = Literal["fp32", "bf16", "fp16"]
 
 
 class Batches(Protocol):
@@ -66,6 +66,10 @@ class TrainResult:
     stopped_early: int | None = None
     """With ``train.early_stopping``: the epoch (1-based) after which training stopped, or None."""
     seconds: float = 0.0
+    precision: str = "fp32"
+    """The precision that trained (``kdpipe.distill.precision``), which the stage asked for or its fallback."""
+    precision_note: str = ""
+    """Why it is not the one asked for ("" when it is)."""
 
 
 def lr_factor(cfg: TrainConfig, epoch: int) -> float:
@@ -247,10 +251,12 @@ class Trainer:
         self.on_epoch = on_epoch
         # Test hook: behave as if SIGTERM arrived after this many optimizer steps (counted from this fit() call).
         self.stop_after_steps = stop_after_steps
-        self.precision = precision if device.type == "cuda" else "fp32"
-        if precision != "fp32" and device.type != "cuda":
-            log.debug("precision %s is for GPUs; training in fp32 on %s", precision, device.type)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.resolved = resolve_precision(precision, device)
+        self.precision = self.resolved.precision
+        if self.resolved.reason:
+            log.info("%s: precision %s asked for, training in %s: %s", label, precision, self.precision,
+                     self.resolved.reason)  # fmt: skip
+        self.amp_dtype = self.resolved.autocast_dtype
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         perf = cfg.performance
         self.channels_last = perf.channels_last if perf.channels_last is not None else device.type == "cuda"
@@ -415,7 +421,7 @@ class Trainer:
         """Train ``cfg.epochs`` epochs (resuming from the stage's checkpoint when it matches), evaluating every
         ``eval_every`` epochs; returns the history and the final evaluation. Raises ``Interrupted`` after saving a
         checkpoint when SIGINT/SIGTERM arrives."""
-        result = TrainResult()
+        result = TrainResult(precision=self.precision, precision_note=self.resolved.reason)
         cfg = self.cfg
         stopper = EarlyStopping(cfg.early_stopping, self.method.deployable()) if cfg.early_stopping else None
         start_epoch, start_step = self._load(result, stopper)

@@ -15,7 +15,8 @@ from kdpipe.config import LoadedConfig, TrainConfig
 from kdpipe.data import BatchLoader, Splits, TensorSplit
 from kdpipe.data.stream import FileSplit, StreamLoader, make_loader
 from kdpipe.distill.methods.base import KDMethod
-from kdpipe.distill.trainer import Precision, Trainer, TrainResult
+from kdpipe.distill.precision import Precision
+from kdpipe.distill.trainer import Trainer, TrainResult
 from kdpipe.errors import ConfigError
 from kdpipe.fileio import write_error
 from kdpipe.models.factory import (

@@ -15,7 +15,7 @@ from kdpipe.distill.evaluate import evaluate
 from kdpipe.distill.methods import create_method, method_params_union
 from kdpipe.distill.methods.base import MethodContext, MethodParams
 from kdpipe.distill.methods.kd import KDParams
-from kdpipe.distill.trainer import Precision
+from kdpipe.distill.precision import Precision
 from kdpipe.errors import ConfigError
 from kdpipe.models.factory import count_params, weight_source_files
 from kdpipe.registry import METHODS, STAGES
@@ -54,7 +54,9 @@ class DistillConfig(StageConfig):
     modules (adapters, fusion heads, generators) are trained from scratch and never exported."""
     train: TrainConfig
     precision: Precision = "bf16"
-    """Training precision on GPU (fp32 | bf16 | fp16); CPU always trains in fp32."""
+    """Training precision (fp32 | bf16 | fp16): bf16 autocast on GPUs and on CPUs that compute bf16 natively (AVX-512
+    BF16 or AMX), fp16 with loss scaling on GPUs; elsewhere fp32, and the log and the result's ``info.precision`` say
+    so and why."""
 
     _student = field_validator("student")(known_model)
 
@@ -201,6 +203,7 @@ class DistillStage(Stage):
             metrics["compression"] = metrics["teacher_params"] / metrics["params"]
         info.update(method_params=cfg.method.model_dump(mode="json"))
         info.update(history=result.history, train_seconds=result.seconds, resumed_from=result.resumed_from)
+        info.update(precision=result.precision, precision_note=result.precision_note)
         info.update(stopped_early=result.stopped_early)
         return StageResult(
             metrics=metrics,

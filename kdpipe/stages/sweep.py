@@ -51,7 +51,7 @@ from kdpipe.config import LoadedConfig, StageConfig, StrictModel, TrainConfig
 from kdpipe.distill.methods import method_params_union
 from kdpipe.distill.methods.base import MethodParams
 from kdpipe.distill.methods.kd import KDParams
-from kdpipe.distill.trainer import Precision
+from kdpipe.distill.precision import Precision
 from kdpipe.errors import ConfigError, Gate, GateFailed
 from kdpipe.fileio import atomic_open, atomic_write_json, atomic_write_text
 from kdpipe.markdown import table
@@ -145,7 +145,7 @@ class SweepConfig(StageConfig):
     train: TrainConfig
     """Each candidate's distillation schedule."""
     train_precision: Precision = "bf16"
-    """Training precision on GPU, as a distill stage's ``precision``."""
+    """Each candidate's training precision, as a distill stage's ``precision``."""
     verify: SweepVerify | None = None
     """Accuracy gates of every candidate (a verify stage's: min_top1, max_drop_vs_teacher, ...)."""
     export: SweepExport = Field(default_factory=SweepExport)

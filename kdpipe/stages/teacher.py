@@ -14,7 +14,7 @@ from pydantic_core.core_schema import ValidationInfo
 from kdpipe.config import LoadedConfig, StageConfig, StrictModel, TrainConfig, resolve_path
 from kdpipe.distill.evaluate import evaluate
 from kdpipe.distill.methods.ce import CEParams, CrossEntropy
-from kdpipe.distill.trainer import Precision
+from kdpipe.distill.precision import Precision
 from kdpipe.errors import ConfigError, DataError
 from kdpipe.models.factory import hub_folder_weights, weight_source_files
 from kdpipe.registry import STAGES
@@ -101,7 +101,9 @@ class TeacherConfig(StageConfig):
     """Where the weights come from. Leave it out for an online method (dml, switokd), which trains the teacher
     jointly with the student: the stage then saves the architecture at its seeded random initialisation."""
     precision: Precision = "bf16"
-    """Training precision on GPU (fp32 | bf16 | fp16); CPU always trains in fp32."""
+    """Training precision (fp32 | bf16 | fp16): bf16 autocast on GPUs and on CPUs that compute bf16 natively (AVX-512
+    BF16 or AMX), fp16 with loss scaling on GPUs; elsewhere fp32, and the log and the result's ``info.precision`` say
+    so and why."""
 
     _model = field_validator("model")(known_model)
 
@@ -146,6 +148,7 @@ class TeacherStage(Stage):
             result = train_method(ctx, method, weights.train, cfg.precision, f"{ctx.name} ({cfg.model})")
             history = result.history
             info["train_seconds"] = result.seconds
+            info.update(precision=result.precision, precision_note=result.precision_note)
             info["best_eval_top1"] = result.best_top1
             info["resumed_from"] = result.resumed_from
             info["stopped_early"] = result.stopped_early

@@ -1,0 +1,107 @@
+"""Training precision as it actually runs: bf16 autocast on a CPU that computes bf16 natively, fp32 with the reason
+elsewhere, and the stage result saying which one trained."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import kdpipe.distill.precision as precision_module
+from kdpipe.config import TrainConfig
+from kdpipe.distill.methods import create_method
+from kdpipe.distill.methods.kd import KDParams
+from kdpipe.distill.precision import cpu_bf16, resolve_precision
+from kdpipe.distill.trainer import Trainer
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def native_bf16(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool], None]:
+    def set_native(native: bool) -> None:
+        monkeypatch.setattr(precision_module, "cpu_bf16", lambda: (native, "AMX" if native else "no bf16 here"))
+
+    return set_native
+
+
+@pytest.mark.parametrize(
+    ("requested", "native", "trained", "why"),
+    [
+        ("bf16", True, "bf16", ""),
+        ("bf16", False, "fp32", "no bf16 here"),
+        ("fp16", True, "fp32", "fp16 autocast is for GPUs"),
+        ("fp32", True, "fp32", ""),
+    ],
+)
+def test_cpu_precision_follows_the_cpu(
+    native_bf16: Callable[[bool], None], requested: str, native: bool, trained: str, why: str
+) -> None:
+    native_bf16(native)
+    resolved = resolve_precision(requested, CPU)  # type: ignore[arg-type]
+    assert resolved.precision == trained and why in resolved.reason and (resolved.reason == "") == (why == "")
+    assert resolved.autocast_dtype == {"bf16": torch.bfloat16, "fp32": None}[trained]
+
+
+def test_this_cpu_is_described() -> None:
+    native, detail = cpu_bf16()
+    assert isinstance(native, bool) and detail
+    assert ("AMX" in detail or "AVX-512 BF16" in detail) == native
+
+
+def _trainer(tmp_path: Path, precision: str) -> tuple[Trainer, list[torch.dtype]]:
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    teacher = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    seen: list[torch.dtype] = []
+    student[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    method = create_method(KDParams(), student, teacher)
+    trainer = Trainer(
+        method,
+        TrainConfig(epochs=1, lr=0.01),
+        train_batches=[],
+        eval_batches=[],
+        num_classes=4,
+        device=CPU,
+        checkpoint_path=tmp_path / "last.pt",
+        fingerprint="x",
+        precision=precision,  # type: ignore[arg-type]
+        label="test",
+    )
+    return trainer, seen
+
+
+def test_the_trainer_runs_the_student_in_bf16_on_a_bf16_cpu(
+    tmp_path: Path, native_bf16: Callable[[bool], None], caplog: pytest.LogCaptureFixture
+) -> None:
+    native_bf16(True)
+    trainer, seen = _trainer(tmp_path, "bf16")
+    before = [p.detach().clone() for p in trainer.method.student.parameters()]
+    out = trainer.train_step(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))
+    assert seen == [torch.bfloat16] and torch.isfinite(out["loss"])
+    assert all(p.dtype == torch.float32 for p in trainer.method.student.parameters())  # fp32 master weights
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.method.student.parameters(), strict=True))
+    native_bf16(False)
+    with caplog.at_level(logging.INFO, logger="kdpipe.distill.trainer"):
+        trainer, seen = _trainer(tmp_path, "bf16")
+    trainer.train_step(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))
+    assert seen == [torch.float32]
+    assert "precision bf16 asked for, training in fp32: no bf16 here" in caplog.text
+
+
+def test_the_stage_result_records_the_precision_that_trained(
+    tmp_path: Path, write_config: Callable[..., Path], native_bf16: Callable[[bool], None]
+) -> None:
+    from kdpipe.config import load_config
+    from kdpipe.pipeline.runner import Runner
+    from tests.conftest import TINY
+
+    native_bf16(False)
+    Runner(load_config(write_config(TINY)), tmp_path / "run").run()
+    info = json.loads((tmp_path / "run" / "distill" / "result.json").read_text())["info"]
+    assert info["precision"] == "fp32" and info["precision_note"] == "no bf16 here"

@@ -42,6 +42,7 @@ otherwise.
 
     python benchmarks/train_throughput.py [--device cpu] [--batch-sizes 64 128 512] [--repeats 3] [--data]
     python benchmarks/train_throughput.py --smoke --out /tmp/train_throughput_smoke.json
+    python benchmarks/train_throughput.py --batch-sizes 512 --compile --compile-mode reduce-overhead  # CUDA graphs
 """
 
 from __future__ import annotations
@@ -610,6 +611,12 @@ def parse_args() -> argparse.Namespace:
         help="NHWC networks and inputs (default: the trainer's, on for CUDA, off on CPU)",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks of both implementations")
+    parser.add_argument(
+        "--compile-mode",
+        choices=["default", "reduce-overhead", "max-autotune"],
+        default="default",
+        help="torch.compile mode with --compile (train.performance.compile_mode; reduce-overhead captures CUDA graphs)",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128, 512])
     parser.add_argument(
         "--steps",
@@ -650,6 +657,8 @@ def parse_args() -> argparse.Namespace:
     args.warmup = (10 if cuda else 1) if args.warmup is None else args.warmup
     args.repeats = (5 if cuda else 3) if args.repeats is None else args.repeats
     args.threads = args.threads or (None if cuda else 2)
+    if args.compile_mode != "default" and not args.compile:
+        parser.error("--compile-mode needs --compile")
     if min(args.batch_sizes) < 2 or args.repeats < 1 or args.warmup < 0 or (args.steps is not None and args.steps < 1):
         parser.error("batch sizes must be >= 2, --repeats and --steps >= 1, --warmup >= 0")
     return args
@@ -680,7 +689,9 @@ def main() -> None:
         cfg = TrainConfig(
             epochs=1,
             batch_size=batch_sizes[0],
-            performance=PerformanceConfig(channels_last=args.channels_last, compile=args.compile),
+            performance=PerformanceConfig(
+                channels_last=args.channels_last, compile=args.compile, compile_mode=args.compile_mode
+            ),
         )
         kd = KDParams()
         teacher, student = build_networks(args.seed)
@@ -731,6 +742,7 @@ def main() -> None:
         "precision": trainer.precision,
         "channels_last": trainer.channels_last,
         "compile": args.compile,
+        "compile_mode": args.compile_mode if args.compile else None,
         "fused_optimizer": device.type == "cuda",
         "train_config": cfg.model_dump(mode="json", include={"lr", "momentum", "nesterov", "weight_decay"}),
         "kd_params": kd.model_dump(mode="json"),

@@ -71,7 +71,10 @@ def world() -> World:
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Started by torchrun (its ``TORCHELASTIC_RUN_ID``), with any number of processes, or in a multi-process job
+    another launcher describes with ``WORLD_SIZE``. A one-process torchrun job joins its process group too (NCCL on a
+    GPU), so the collective backend a cluster job will use is the one a one-GPU run checks."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init_from_env(device: str = "auto", *, timeout_s: float = 1800.0) -> World:

@@ -11,7 +11,7 @@ from kdpipe.data.cache import resolve_cache_dir
 from kdpipe.data.loader import BatchLoader, normalize
 from kdpipe.data.sources import SourceData, list_kinds, load_source
 from kdpipe.data.splits import Splits, channel_stats, create_splits, resolve_root
-from kdpipe.data.tensor_split import TensorSplit, derive_seed
+from kdpipe.data.tensor_split import TensorSplit, derive_seed, sample_indices
 
 __all__ = [
     "AUGMENTS",
@@ -28,4 +28,5 @@ __all__ = [
     "normalize",
     "resolve_cache_dir",
     "resolve_root",
+    "sample_indices",
 ]

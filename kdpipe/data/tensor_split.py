@@ -19,6 +19,15 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def sample_indices(length: int, n: int, seed: int, purpose: str) -> torch.Tensor:
+    """A seeded random order of a split's ``length`` indices, cut to ``min(n, length)``: a sample that spreads over
+    the classes of a class-sorted split (an ImageFolder's files are in class order, so its first 512 images are one
+    class), the same for every run with the same ``seed``. Draws for different ``purpose`` strings are independent;
+    two cuts of one purpose are nested (the first 512 of a longer cut are the same 512)."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, purpose))
+    return torch.randperm(length, generator=generator)[: min(n, length)]
+
+
 @dataclass(frozen=True, eq=False)
 class TensorSplit:
     """One split, fully in memory: uint8 images ``(N, C, H, W)`` already at the target size, int64 labels ``(N,)``."""

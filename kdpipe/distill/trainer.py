@@ -436,8 +436,10 @@ class Trainer:
             for epoch in range(start_epoch, end_epoch):
                 lr = self._begin_epoch(epoch)
                 first = start_step if epoch == start_epoch else 0
+                t_epoch = time.perf_counter()
                 totals = self._train_epoch(epoch, first, stop, result, stopper)
                 row = self._epoch_row(epoch, lr, totals)
+                row["train_seconds"] = time.perf_counter() - t_epoch  # the steps alone: no evaluation, no checkpoint
                 self._evaluate_epoch(epoch, row, result, stopper)
                 result.history.append(row)
                 if self.on_epoch is not None:

@@ -65,10 +65,11 @@ class ExportJob:
     options: BaseModel
     """The format's own settings: ``settings.options`` validated against the format's ``Params``."""
     calibration: Callable[[int], torch.Tensor]
-    """``calibration(n)``: the first ``n`` normalised training images (for int8 range calibration)."""
+    """``calibration(n)``: ``n`` normalised training images drawn at random (seeded) from the whole train split, for
+    int8 range calibration."""
     heldout: Callable[[int], torch.Tensor] | None = None
     """``heldout(n)``: up to ``n`` normalised images neither calibrated on nor tested on (the validation split, else
-    training images after the calibration set), for choices such as which layers stay in float."""
+    training images the calibration's draw left out), for choices such as which layers stay in float."""
     info: dict[str, Any] = field(default_factory=dict)
     """Extra facts for the stage result (``info``), filled by the format (a TensorRT engine's stamp)."""
     qdq_source: Path | None = None
@@ -101,6 +102,11 @@ class ExportFormat:
     def export(self, job: ExportJob) -> Path:
         """Write the artifact (suffix ``self.suffix``) into ``job.out_dir`` and return its path."""
         raise NotImplementedError
+
+    def parity_defaults(self, settings: Any) -> dict[str, float | None]:
+        """The default gates for an export with these stage settings (``parity``, unless the format's precision is
+        a setting, as TensorRT's is)."""
+        return dict(self.parity)
 
     def open_runner(self, path: Path, job: ExportJob) -> tuple[Runner, int]:
         """A runner for the artifact at ``path`` and the batch size the parity check feeds it."""
@@ -310,6 +316,12 @@ class TensorRTFormat(ExportFormat):
         )
         job.info["engine"] = vars(stamp)
         return out
+
+    def parity_defaults(self, settings: Any) -> dict[str, float | None]:
+        """An int8 engine is gated as onnx-int8 is (agreement and top-1 drop, no logit bound); fp16/fp32 as fp16."""
+        if settings.tensorrt.precision == "int8":
+            return dict(OnnxInt8Format.parity)
+        return dict(self.parity)
 
     def open_runner(self, path: Path, job: ExportJob) -> tuple[Runner, int]:
         from kdpipe.exports.tensorrt import load_engine

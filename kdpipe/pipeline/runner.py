@@ -204,6 +204,7 @@ class Runner:
             distributed.broadcast_object((actions, self._fingerprints))  # torchrun: the other ranks follow rank 0
             env = describe_environment(self.device)
             env["world_size"] = self.world.size
+            env["distributed_backend"] = self.world.backend  # None: no process group (not launched by torchrun)
             # From here on the run directory changes, so however the run ends, summary.json records it.
             self._write_run_files(rd, env)
             error: BaseException | None = None

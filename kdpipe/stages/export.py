@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, Field, PositiveInt, ValidationError, ValidationInfo, field_validator, model_validator
 
 from kdpipe.config import LoadedConfig, StageConfig, StrictModel
-from kdpipe.data import normalize
+from kdpipe.data import normalize, sample_indices
 from kdpipe.errors import ConfigError, Gate, GateFailed, StageError
 from kdpipe.exports.formats import ExportJob, get_format
 from kdpipe.fileio import atomic_write_json
@@ -42,7 +42,7 @@ class ParityConfig(StrictModel):
     max_top1_drop: float | None = Field(None, ge=0.0, le=1.0)
     """PyTorch top-1 minus the export's top-1 (a fraction: 0.01 = one point)."""
     samples: PositiveInt | None = None
-    """Test images to use (default: the whole test split)."""
+    """Test images to use: a seeded random sample over every class (default: the whole test split)."""
 
 
 class TensorRTConfig(StrictModel):
@@ -185,11 +185,10 @@ class ExportStage(Stage):
         )
 
         def calibration(n: int) -> torch.Tensor:
-            first = torch.arange(min(n, len(splits.train)))
-            return normalize(splits.train.load(first), splits.mean, splits.std)
+            return calibration_images(splits, n, ctx.seed)
 
         def heldout(n: int) -> torch.Tensor:
-            return heldout_images(splits, cfg.calibration_samples, n)
+            return heldout_images(splits, cfg.calibration_samples, n, ctx.seed)
 
         qdq = upstream_qdq_graph(ctx)
         job = ExportJob(
@@ -221,7 +220,7 @@ class ExportStage(Stage):
             onnx_info=onnx_info,
             fmt_name=cfg.format,
             parity_cfg=cfg.parity,
-            defaults=fmt.parity,
+            defaults=fmt.parity_defaults(cfg),
             source=record.name,
             model_name=model_name,
             dynamic_batch=cfg.dynamic_batch,
@@ -245,17 +244,29 @@ def upstream_qdq_graph(ctx: Any) -> tuple[str, Path] | None:
     return None
 
 
-def heldout_images(splits: Any, calibration_samples: int, n: int) -> torch.Tensor:
-    """Up to ``n`` normalised images neither calibrated on nor tested on: the validation split, else the training
-    images after the first ``calibration_samples`` (all training images when none are left: tiny datasets)."""
+CALIBRATION = "calibration"
+"""The ``sample_indices`` purpose of int8 calibration images (drawn from the train split)."""
+
+
+def calibration_images(splits: Any, n: int, seed: int) -> torch.Tensor:
+    """``n`` normalised training images for int8 calibration, drawn at random (seeded) from the whole train split, so
+    they cover its classes even where its files are in class order (an ImageFolder)."""
+    idx = sample_indices(len(splits.train), n, seed, CALIBRATION)
+    return normalize(splits.train.load(idx), splits.mean, splits.std)
+
+
+def heldout_images(splits: Any, calibration_samples: int, n: int, seed: int) -> torch.Tensor:
+    """Up to ``n`` normalised images neither calibrated on nor tested on, drawn at random (seeded): from the validation
+    split, else from the training images the calibration's draw left out (all training images when none are left:
+    tiny datasets)."""
     if splits.val is not None and len(splits.val) > 0:
-        split, start = splits.val, 0
-    else:  # training images the calibration did not see
-        split, start = splits.train, min(calibration_samples, len(splits.train))
-    idx = torch.arange(start, min(start + n, len(split)))
+        idx = sample_indices(len(splits.val), n, seed, "heldout")
+        return normalize(splits.val.load(idx), splits.mean, splits.std)
+    order = sample_indices(len(splits.train), len(splits.train), seed, CALIBRATION)  # the calibration draw, whole
+    idx = order[calibration_samples : calibration_samples + n]
     if len(idx) == 0:
-        idx = torch.arange(min(n, len(split)))
-    return normalize(split.load(idx), splits.mean, splits.std)
+        idx = order[:n]
+    return normalize(splits.train.load(idx), splits.mean, splits.std)
 
 
 def record_mixed_precision(
@@ -336,9 +347,12 @@ def gate_and_record(
     from kdpipe.exports import ParityTolerance, measure_parity, parity_gates
 
     splits = ctx.data()
-    n = min(parity_cfg.samples or len(splits.test), len(splits.test))
-    images = normalize(splits.test.load(torch.arange(n)), splits.mean, splits.std)
-    labels = splits.test.labels[:n]
+    if parity_cfg.samples is not None and parity_cfg.samples < len(splits.test):  # a sample over every class
+        idx = sample_indices(len(splits.test), parity_cfg.samples, ctx.seed, "parity")
+    else:
+        idx = torch.arange(len(splits.test))
+    images = normalize(splits.test.load(idx), splits.mean, splits.std)
+    labels = splits.test.labels[idx]
     report = measure_parity(model, run_exported, images, labels, batch_size=batch_size)
     gates = {k: getattr(parity_cfg, k) if getattr(parity_cfg, k) is not None else v for k, v in defaults.items()}
     outcomes = parity_gates(report, ParityTolerance(**gates), label=f"{ctx.name} ({fmt_name})")

@@ -50,6 +50,7 @@ from kdpipe.stages.base import Stage, StageResult
 from kdpipe.stages.common import load_stage_model, test_loader, train_method, upstream_stage
 from kdpipe.stages.export import (
     ParityConfig,
+    calibration_images,
     check_opset_field,
     export_preprocessing,
     gate_and_record,
@@ -100,7 +101,8 @@ class QADConfig(StageConfig):
     convolutions, at post-training quantization's latency; fine-tuning then fake-quantizes weights with the same bit
     width (7 bits while ``reduce_range``). ModelOpt's own graph quantizes only layer inputs, which onnxruntime leaves
     as float convolutions (measured 2.7-4x slower on digits' resnet8). ``tensorrt``: ModelOpt's signed symmetric QDQ
-    graph as trained, what TensorRT builds int8 engines from (written as ``model.qdq.onnx`` in either layout)."""
+    graph as trained, what TensorRT builds int8 engines from (the stage's ``model.onnx`` in this layout; the
+    onnxruntime layout writes it beside its own graph as ``model.qdq.onnx``)."""
     float_layers: list[str] = Field(default_factory=list)
     """Layers (fnmatch patterns of module names) allowed to stay float because ModelOpt cannot quantize them; any
     other such layer is an error that names it."""
@@ -238,8 +240,7 @@ class QADStage(Stage):
         torch.manual_seed(ctx.seed)
         # a copy either way: quantization happens in place, and fp32 stays the reference
         student = fold_batchnorm(fp32) if cfg.fold_batchnorm else copy.deepcopy(fp32).eval()
-        first = torch.arange(min(cfg.calibration_samples, len(splits.train)))
-        calibration = normalize(splits.train.load(first), splits.mean, splits.std).to(ctx.device)
+        calibration = calibration_images(splits, cfg.calibration_samples, ctx.seed).to(ctx.device)
         ort_layout = cfg.int8_layout == "onnxruntime"
         input_shape = (splits.in_chans, splits.image_size, splits.image_size)
         weight_bits = 7 if ort_layout and self._reduce_range() else 8
@@ -326,7 +327,7 @@ class QADStage(Stage):
                 def requantize(path: Path, float_nodes: Sequence[str]) -> Path:
                     return int8(fp32_path, path, float_nodes)
 
-                held = heldout_images(splits, cfg.calibration_samples, 512).numpy()
+                held = heldout_images(splits, cfg.calibration_samples, 512, ctx.seed).numpy()
                 mixed = mixed_precision(fp32_path, artifact, requantize, held, cfg.mixed_precision, min_agreement)
                 record_mixed_precision(ctx.dir, artifact, mixed, input_shape)
                 artifacts.update(mixed_precision_artifacts(mixed))
@@ -375,7 +376,7 @@ class QADStage(Stage):
                     "per_channel": cfg.per_channel,
                     "batchnorm_folded": cfg.fold_batchnorm,
                     "int8_layout": cfg.int8_layout,
-                    "calibration_samples": len(first),
+                    "calibration_samples": len(calibration),
                     "method": method_params.model_dump(mode="json"),
                     "epochs": cfg.train.epochs,
                     "history": result.history,

@@ -118,3 +118,16 @@ def test_engine_builds_loads_and_matches_onnxruntime(precision: str, tmp_path: P
     stamp_path(engine).write_text(json.dumps({**stamp.to_dict(), "gpu": "Some Other GPU"}), encoding="utf-8")
     with pytest.raises(ExportError, match="rebuild it"):
         load_engine(engine)
+
+
+def test_an_int8_engine_is_gated_as_int8_not_as_fp16() -> None:
+    """TensorRT's default parity gates follow the engine's precision: int8 ones as onnx-int8's (agreement and top-1
+    drop, no bound on logits), fp16/fp32 ones as fp16's."""
+    from kdpipe.exports.formats import OnnxInt8Format, TensorRTFormat
+    from kdpipe.stages.export import ExportConfig
+
+    fmt = TensorRTFormat()
+    int8 = ExportConfig(type="export", format="tensorrt", tensorrt={"precision": "int8"})
+    fp16 = ExportConfig(type="export", format="tensorrt", tensorrt={"precision": "fp16"})
+    assert fmt.parity_defaults(int8) == OnnxInt8Format.parity and fmt.parity_defaults(int8)["max_abs_diff"] is None
+    assert fmt.parity_defaults(fp16) == TensorRTFormat.parity

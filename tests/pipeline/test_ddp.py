@@ -160,3 +160,16 @@ def test_a_global_batch_too_small_to_shard_is_refused() -> None:
 
     with pytest.raises(DataError, match="batch_size 3 cannot be split over 2 processes"):
         BatchLoader(_split(32), batch_size=3, mean=(0.5,), std=(0.25,), train=True, rank=1, world_size=2)
+
+
+def test_a_one_process_torchrun_job_joins_its_process_group(tmp_path: Path) -> None:
+    """torchrun with one process still starts a process group (NCCL on a GPU, gloo here), so a one-GPU machine checks
+    the backend a cluster job will use; the run records it."""
+    cfg = tmp_path / "stages.yaml"
+    cfg.write_text(CONFIG.replace("EPOCHS", "1").replace("epochs: 5,", "epochs: 1,"))
+    command = _torchrun(cfg, tmp_path / "run")
+    command[command.index("--nproc-per-node") + 1] = "1"
+    proc = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    env = json.loads((tmp_path / "run" / "environment.json").read_text())
+    assert env["world_size"] == 1 and env["distributed_backend"] == "gloo"

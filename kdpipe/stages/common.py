@@ -4,14 +4,16 @@ creating loaders, and saving a trained model with the facts needed to rebuild it
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import pydantic
 import torch
 from torch import nn
 
 from kdpipe import distributed
-from kdpipe.config import LoadedConfig, TrainConfig
+from kdpipe.config import LoadedConfig, StageConfig, TrainConfig
 from kdpipe.data import BatchLoader, Splits, TensorSplit
 from kdpipe.data.stream import FileSplit, StreamLoader, make_loader
 from kdpipe.distill.methods.base import KDMethod
@@ -30,6 +32,7 @@ from kdpipe.stages.base import StageContext, StageRecord
 from kdpipe.stages.outputs import ModelOutput
 
 log = logging.getLogger(__name__)
+ConfigT = TypeVar("ConfigT", bound=StageConfig)
 
 MODEL_FILE = "model.safetensors"
 Loader = BatchLoader | StreamLoader
@@ -156,6 +159,26 @@ def train_method(
         on_epoch=lambda row: ctx.event("epoch", **row),
         stop_after_steps=ctx.options.get("stop_after_steps", {}).get(ctx.name),
     ).fit()
+
+
+_METHOD_MODELS: dict[type, tuple[int, type]] = {}
+
+
+def with_method_union(
+    base: type[ConfigT], field: str, annotation: Callable[[Any], Any], default: Callable[[], Any], doc: str
+) -> type[ConfigT]:
+    """``base`` with ``field`` typed ``annotation(union)`` over the params models of the KD methods registered now
+    (a plugin's method registered after import included), rebuilt when ``METHODS`` changes: the distill, qad and
+    sweep stages' ``method``/``methods``."""
+    from kdpipe.distill.methods import method_params_union
+    from kdpipe.registry import METHODS
+
+    cached = _METHOD_MODELS.get(base)
+    if cached is None or cached[0] != METHODS.generation:
+        field_def = (annotation(method_params_union()), pydantic.Field(default_factory=default, description=doc))
+        model = pydantic.create_model(base.__name__, __base__=base, __doc__=base.__doc__, **{field: field_def})  # type: ignore[call-overload]
+        cached = _METHOD_MODELS[base] = (METHODS.generation, model)
+    return cached[1]
 
 
 def upstream_stage(loaded: LoadedConfig, name: str, provides: str) -> tuple[str, Any] | None:

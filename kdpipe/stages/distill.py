@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, create_model, field_validator
+from pydantic import Field, field_validator
 
 from kdpipe.config import LoadedConfig, StageConfig, TrainConfig
 from kdpipe.distill.evaluate import evaluate
-from kdpipe.distill.methods import create_method, method_params_union
+from kdpipe.distill.methods import create_method
 from kdpipe.distill.methods.base import MethodContext, MethodParams
 from kdpipe.distill.methods.kd import KDParams
 from kdpipe.distill.precision import Precision
@@ -29,6 +29,7 @@ from kdpipe.stages.common import (
     test_loader,
     train_method,
     upstream_stage,
+    with_method_union,
 )
 from kdpipe.stages.outputs import ModelOutput
 from kdpipe.stages.teacher import ModelWeights, check_checkpoint
@@ -61,22 +62,9 @@ class DistillConfig(StageConfig):
     _student = field_validator("student")(known_model)
 
 
-_CONFIG_MODEL: tuple[int, type[DistillConfig]] | None = None
-
-
 def distill_config_model() -> type[DistillConfig]:
-    """DistillConfig with ``method`` as the discriminated union of the methods registered now (a plugin's method
-    registered after import included), rebuilt when ``METHODS`` changes."""
-    global _CONFIG_MODEL
-    if _CONFIG_MODEL is None or _CONFIG_MODEL[0] != METHODS.generation:
-        model = create_model(
-            "DistillConfig",
-            __base__=DistillConfig,
-            __doc__=DistillConfig.__doc__,
-            method=(method_params_union(), Field(default_factory=KDParams, description=_METHOD_DOC)),
-        )
-        _CONFIG_MODEL = (METHODS.generation, model)
-    return _CONFIG_MODEL[1]
+    """DistillConfig with ``method`` as the discriminated union of the methods registered now."""
+    return with_method_union(DistillConfig, "method", lambda union: union, KDParams, _METHOD_DOC)
 
 
 @STAGES.register("distill", summary="train a student with a KD method (kdpipe list methods)")

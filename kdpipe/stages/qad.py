@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, PositiveInt, create_model
+from pydantic import Field, PositiveInt
 
 from kdpipe.config import LoadedConfig, StageConfig, TrainConfig
 from kdpipe.data import normalize
 from kdpipe.distill.evaluate import evaluate
-from kdpipe.distill.methods import create_method, method_params_union
+from kdpipe.distill.methods import create_method
 from kdpipe.distill.methods.base import MethodContext, MethodParams
 from kdpipe.distill.methods.kd import KDParams
 from kdpipe.errors import ConfigError, Gate
@@ -47,7 +47,7 @@ from kdpipe.exports.qad import (
 from kdpipe.registry import METHODS, STAGES
 from kdpipe.requirements import EXPORT_HINT, Requirement, needs_module
 from kdpipe.stages.base import Stage, StageResult
-from kdpipe.stages.common import load_stage_model, test_loader, train_method, upstream_stage
+from kdpipe.stages.common import load_stage_model, test_loader, train_method, upstream_stage, with_method_union
 from kdpipe.stages.export import (
     ParityConfig,
     calibration_images,
@@ -125,25 +125,10 @@ class QADConfig(StageConfig):
     """The gate that QAD exists for: the fp32 student's test top-1 minus the int8 export's (0.01 = one point)."""
 
 
-_CONFIG_MODEL: tuple[int, type[QADConfig]] | None = None
-
-
 def qad_config_model() -> type[QADConfig]:
-    """QADConfig with ``method`` as the union of the registered methods (rebuilt when ``METHODS`` changes) or
-    ``'distill'``; which of them can fine-tune a quantized student is checked in preflight, with the reason."""
-    global _CONFIG_MODEL
-    if _CONFIG_MODEL is None or _CONFIG_MODEL[0] != METHODS.generation:
-        model = create_model(
-            "QADConfig",
-            __base__=QADConfig,
-            __doc__=QADConfig.__doc__,
-            method=(
-                method_params_union() | Literal["distill"],
-                Field(default_factory=KDParams, description=_METHOD_DOC),
-            ),
-        )
-        _CONFIG_MODEL = (METHODS.generation, model)
-    return _CONFIG_MODEL[1]
+    """QADConfig with ``method`` as the union of the registered methods or ``'distill'``; which of them can fine-tune
+    a quantized student is checked in preflight, with the reason."""
+    return with_method_union(QADConfig, "method", lambda union: union | Literal["distill"], KDParams, _METHOD_DOC)
 
 
 def _frozen_teacher_methods() -> list[str]:

@@ -42,13 +42,11 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
-    create_model,
     field_validator,
     model_validator,
 )
 
 from kdpipe.config import LoadedConfig, StageConfig, StrictModel, TrainConfig
-from kdpipe.distill.methods import method_params_union
 from kdpipe.distill.methods.base import MethodParams
 from kdpipe.distill.methods.kd import KDParams
 from kdpipe.distill.precision import Precision
@@ -58,7 +56,7 @@ from kdpipe.markdown import table
 from kdpipe.registry import BACKENDS, FORMATS, METHODS, STAGES
 from kdpipe.stages.base import Expansion, Stage, StageRecord, StageResult
 from kdpipe.stages.benchmark import BenchmarkConfig
-from kdpipe.stages.common import upstream_stage
+from kdpipe.stages.common import upstream_stage, with_method_union
 from kdpipe.stages.distill import distill_config_model
 from kdpipe.stages.export import ExportConfig, ParityConfig, TensorRTConfig
 from kdpipe.stages.outputs import BenchmarkOutput, ExportOutput, ModelOutput, SweepOutput
@@ -131,6 +129,12 @@ def _default_benchmark() -> SweepBenchmark:
     return SweepBenchmark(backends=["onnxruntime"], batch_sizes=[1, 64])
 
 
+_METHODS_DOC = (
+    "Method blocks as in a distill stage; a list labels each by its name, a mapping {label: block} names variants of "
+    "one method (kd-t4, kd-t8)."
+)
+
+
 class SweepConfig(StageConfig):
     """Distil, verify, export and benchmark every candidate (students x methods x precisions), then choose."""
 
@@ -138,8 +142,7 @@ class SweepConfig(StageConfig):
     students: list[str] = Field(min_length=1)
     """timm model names (or kdpipe's CIFAR nets), each distilled from the teacher."""
     methods: list[MethodParams] | dict[str, MethodParams] = Field(default_factory=lambda: [KDParams()])  # type: ignore[assignment]
-    """Method blocks as in a distill stage; a list labels each by its name, a mapping {label: block} names variants
-    of one method (kd-t4, kd-t8)."""
+    """Method blocks as in a distill stage (see ``_METHODS_DOC``)."""
     precisions: list[str] = Field(default_factory=lambda: ["fp32"], min_length=1)
     """fp32 | fp16 | int8 | qad (int8 fine-tuned with the teacher, ModelOpt) | trt-fp16 | trt-int8 (TensorRT)."""
     train: TrainConfig
@@ -226,22 +229,13 @@ def job_id(student: str, label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{student}-{label}")
 
 
-_CONFIG_MODEL: tuple[int, type[SweepConfig]] | None = None
-
-
 def sweep_config_model() -> type[SweepConfig]:
-    """SweepConfig with ``methods`` over the methods registered now (rebuilt when ``METHODS`` changes)."""
-    global _CONFIG_MODEL
-    if _CONFIG_MODEL is None or _CONFIG_MODEL[0] != METHODS.generation:
-        union = method_params_union()
-        model = create_model(
-            "SweepConfig",
-            __base__=SweepConfig,
-            __doc__=SweepConfig.__doc__,
-            methods=(list[union] | dict[str, union], Field(default_factory=lambda: [KDParams()])),  # type: ignore[valid-type]
-        )
-        _CONFIG_MODEL = (METHODS.generation, model)
-    return _CONFIG_MODEL[1]
+    """SweepConfig with ``methods`` over the methods registered now."""
+
+    def list_or_mapping(union: Any) -> Any:
+        return list[union] | dict[str, union]
+
+    return with_method_union(SweepConfig, "methods", list_or_mapping, lambda: [KDParams()], _METHODS_DOC)
 
 
 @STAGES.register("sweep", summary="students x methods x precisions: Pareto frontier, latency budget picks one")

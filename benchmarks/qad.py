@@ -93,9 +93,19 @@ def teacher_yaml(args: argparse.Namespace) -> dict[str, Any]:
                 "type": "teacher",
                 "model": args.teacher,
                 "weights": {"train": _train(args.teacher_epochs, 0.1)},
+                "precision": "fp32",
             }
         },
     }
+
+
+def _teacher_top1(teacher_dir: Path, runs: list[Path]) -> float:
+    """The teacher's test top-1: from its own run, else as a student run's teacher stage measured it."""
+    for run in [teacher_dir, *runs]:
+        top1 = _json(run / "teacher" / "result.json").get("metrics", {}).get("top1")
+        if top1 is not None:
+            return float(top1)
+    return float("nan")
 
 
 def student_yaml(args: argparse.Namespace, seed: int, teacher_weights: Path) -> dict[str, Any]:
@@ -334,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default="resnet20")
     p.add_argument("--student", default="mobilenetv2_x0_5_cifar")
     p.add_argument("--teacher-epochs", type=int, default=20)
+    p.add_argument(
+        "--teacher-weights", type=Path, help="a teacher checkpoint trained before (its --teacher-epochs): no training"
+    )
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--qad-epochs", type=int, default=2)
     p.add_argument("--qad-lr", type=float, default=0.005)
@@ -363,9 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     teacher_dir = work / "teacher"
     t0 = time.time()
     train = args.phase in ("all", "train")
-    if train and run_kdpipe(_write(teacher_yaml(args), work / "teacher.yaml"), teacher_dir) != 0:
-        return 1
-    teacher_weights = teacher_dir / "teacher" / "model.safetensors"
+    if args.teacher_weights is not None:  # a teacher trained before (by this script): not trained again
+        teacher_weights = args.teacher_weights.absolute()
+    else:
+        if train and run_kdpipe(_write(teacher_yaml(args), work / "teacher.yaml"), teacher_dir) != 0:
+            return 1
+        teacher_weights = teacher_dir / "teacher" / "model.safetensors"
     recipes = {s: _write(student_yaml(args, s, teacher_weights), work / f"student-s{s}.yaml") for s in args.seeds}
     if train:
         threads = 1 if args.jobs > 1 else None
@@ -383,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             "teacher": args.teacher,
             "student": args.student,
             "teacher_epochs": args.teacher_epochs,
-            "teacher_top1": _json(teacher_dir / "teacher" / "result.json").get("metrics", {}).get("top1", float("nan")),
+            "teacher_top1": _teacher_top1(teacher_dir, [work / f"s{s}" for s in args.seeds]),
             "epochs": args.epochs,
             "qad_epochs": args.qad_epochs,
             "qad_lr": args.qad_lr,

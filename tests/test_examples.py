@@ -86,6 +86,7 @@ SHORT = [
     "stages.sweep.train.epochs=2",
     "stages.sweep.verify.min_top1=0.0",
     "stages.sweep.export.parity.max_top1_drop=1.0",
+    "stages.sweep.export.parity.min_agreement=0.0",
     "stages.sweep.benchmark.min_time_s=0.05",
     "stages.sweep.benchmark.warmup=2",
     "stages.sweep.select.max=1000",

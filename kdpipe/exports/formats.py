@@ -237,19 +237,25 @@ def mixed_precision(
     for node in quantizable_nodes(fp32_path):
         quantize(trial, [node])
         gains.append((agreement(trial) - record["agreement_int8"], node))
-    trial.unlink(missing_ok=True)
     gains.sort(key=lambda g: -g[0])
     record["ranking"] = [{"layer": n, "gain": g} for g, n in gains[:10]]
     all_int8 = out.with_name(ALL_INT8)
     out.replace(all_int8)
+    # Greedy forward selection in ranked order: a layer stays in float only when it raises the agreement reached so
+    # far (two layers that each fix an image alone can undo each other together), so the result never agrees less
+    # than a shorter prefix would have; trials stop at the gate, the budget, or the end of the ranking.
     chosen: list[str] = []
     reached = record["agreement_int8"]
-    for _, node in gains[:budget]:
-        chosen.append(node)
-        quantize(out, chosen)
-        reached = agreement(out)
-        if reached >= min_agreement:
+    for _, node in gains:
+        if len(chosen) >= budget or reached >= min_agreement:
             break
+        quantize(trial, [*chosen, node])
+        tried = agreement(trial)
+        if tried > reached:
+            chosen.append(node)
+            reached = tried
+    trial.unlink(missing_ok=True)
+    quantize(out, chosen)  # the graph written is the best set found (with none, the all-int8 graph again)
     record.update(float_layers=chosen, agreement_mixed=reached, all_int8=all_int8.name)
     log.info(
         "mixed precision: %s kept in float, held-out agreement %.4f -> %.4f", chosen, record["agreement_int8"], reached

@@ -383,7 +383,10 @@ def test_resume_mid_epoch_logs_the_same_switch_statistics(tmp_path: Path) -> Non
     with pytest.raises(Interrupted):
         run(tmp_path / "b", 2)
     resumed = run(tmp_path / "b", None)
-    assert resumed[1] == straight[1]
+    # Every logged number of the epoch after the resume matches, except the wall time its steps took.
+    assert {k: v for k, v in resumed[1].items() if k != "train_seconds"} == {
+        k: v for k, v in straight[1].items() if k != "train_seconds"
+    }
     # The trainer's own train_* sums restart at the resumed step; the switch statistics were checkpointed.
     switch_keys = {"expert_frac", "a_s", "a_t", "gap", "eps", "delta"}
     assert {k: resumed[0][k] for k in switch_keys} == {k: straight[0][k] for k in switch_keys}

@@ -230,15 +230,16 @@ def test_the_card_lists_the_layers_kept_in_float(
     cfg = write_config(
         DEPLOY.replace(
             "    format: onnx-int8\n    calibration_samples: 256\n",
-            "    format: onnx-int8\n    calibration_samples: 256\n    mixed_precision: 3\n"
-            "    parity: {min_agreement: 0.99}\n",
+            # per-tensor weights calibrated on 16 images: the all-int8 graph loses ~1% agreement on held-out images
+            "    format: onnx-int8\n    calibration_samples: 16\n    per_channel: false\n    mixed_precision: 3\n"
+            "    parity: {min_agreement: 0.995}\n",
         )
     )
     rd = cfg.parent / "run"
     shutil.copytree(run_dir, rd)
     Runner(load_config(cfg), rd).run()
     record = json.loads((rd / "int8" / "mixed_precision.json").read_text())
-    assert record["agreement_int8"] < 0.99 <= record["agreement_mixed"] and record["float_layers"]
+    assert record["agreement_int8"] < 0.995 <= record["agreement_mixed"] and record["float_layers"]
     card = ModelCard.load(rd / "card" / "README.md").text
     assert f"`int8` keeps {len(record['float_layers'])} layer(s) in float" in card
     assert f"`{record['float_layers'][0]}`" in card and "batch-1 p50" in card

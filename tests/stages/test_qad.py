@@ -40,6 +40,9 @@ stages:
     train: {epochs: 1, batch_size: 64, lr: 0.005}
     calibration_samples: 256
     max_drop_vs_fp32: 0.05
+    # A 3-epoch digits student has small logit margins, and onnxruntime's layout recalibrates activation ranges
+    # (asymmetric uint8, after fine-tuning) where the fake-quantized network used ModelOpt's: ~2 points apart here.
+    parity: {max_top1_drop: 0.05}
   qad_trt:
     type: qad
     needs: [distill]
@@ -378,8 +381,8 @@ def test_mixed_precision_on_the_qad_graph(qad_run: Path, write_config: Callable[
 
     cfg = write_config(
         QAD.replace(
-            "    calibration_samples: 256\n    max_drop_vs_fp32: 0.05\n  qad_trt:",
-            "    calibration_samples: 256\n    max_drop_vs_fp32: 0.05\n    mixed_precision: 2\n    parity: {min_agreement: 0.9999}\n  qad_trt:",
+            "    parity: {max_top1_drop: 0.05}\n  qad_trt:",
+            "    mixed_precision: 2\n    parity: {max_top1_drop: 0.05, min_agreement: 0.9999}\n  qad_trt:",
         )
     )
     rd = cfg.parent / "run"

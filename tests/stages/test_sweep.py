@@ -247,6 +247,26 @@ def test_a_candidate_that_misses_its_gate_is_left_out_and_the_run_goes_on(
     assert summary["exit_code"] == 0 and any(s["status"] == "failed" for s in summary["stages"])
 
 
+def test_an_int8_export_out_of_parity_leaves_its_fp32_sibling_measured(
+    swept: Path, tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
+    """Exact agreement with the student: the fp32 graphs meet it, some int8 graph does not. The candidate's benchmark
+    still measures the fp32 export, so only the int8 candidate is left out (a skipped benchmark would take both)."""
+    rd = _copy(swept, tmp_path / "run")
+    cfg = write_config(
+        SWEEP.replace("parity: {min_agreement: 0.5, max_top1_drop: 0.5}", "parity: {min_agreement: 1.0}")
+    )
+    Runner(load_config(cfg), rd).run()
+    rows = {r["candidate"]: r for r in _result(rd, "sweep")["info"]["rows"]}
+    assert all(rows[f"{j}/fp32"]["status"] == "ok" and rows[f"{j}/fp32"]["latency_ms"] > 0 for j in JOBS)
+    failed = [j for j in JOBS if rows[f"{j}/int8"]["status"] != "ok"]
+    assert failed, {j: rows[f"{j}/int8"]["agreement"] for j in JOBS}
+    for job in failed:
+        assert rows[f"{job}/int8"]["status"] == "failed" and "top-1 agreement" in rows[f"{job}/int8"]["reason"]
+        cells = _result(rd, f"sweep/{job}/bench")["info"]["cells"]
+        assert {c["model"].split()[-1] for c in cells} == {"onnx"}  # the fp32 export alone
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

@@ -312,6 +312,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"{'met' if s['targets']['ptq_drop_at_least_1_point'] else 'missed'})."
         if recovered is not None
         else "PTQ lost nothing here: there is no drop to recover.",
+        "",
+        f"QAD trains the student {meta['qad_epochs']} more epochs (under fake quantization); the fp32 student is not "
+        "fine-tuned for the same epochs without it, so part of QAD's gain over PTQ may be that extra training rather "
+        "than quantization-awareness.",
     ]
     if lat:
         for key, r in lat["ratios"].items():

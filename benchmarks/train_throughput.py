@@ -7,32 +7,31 @@ Targets (issue "Training performance", items 4 and 5):
 - CUDA: the GPU-resident CIFAR-100 uint8 data (train + test images and labels) <= 200 MB.
 A run judges only the targets of the device it measured; the others are recorded as null ("not measured here").
 
-Method: teacher resnet32x4 (frozen, eval) and student resnet8x4, 3x32x32 inputs, 100 classes, built once from one
-seed; each implementation trains its own copy of the same initial weights. The data is one uint8 split placed on the
-device once and shared by both: synthetic uniform-random images and labels by default (--samples, 50,000 like the
-CIFAR-100 train split; throughput does not depend on pixel values), or the real CIFAR-100 train split through
-kdpipe's imagefolder source with --data. (a) kdpipe: a ``Trainer`` around ``create_method(KDParams(), ...)`` with a
-default ``TrainConfig``, fed by a ``BatchLoader`` over the split (augment "cifar"); a step is ``next()`` on the
-loader's iterator (index gather, seeded crop + flip, normalisation, all on the device) then ``Trainer._step``; the
-fit loop's per-step logging (``float(loss)``, top-1) is not timed. (b) plain PyTorch: the same gather; crop with 4
-px zero padding + horizontal flip per sample as one batched index (flip, pad, unfold, one window per sample) from
-the global RNG; x/255, mean/std; teacher forward under ``torch.inference_mode()``; student forward; loss = ce_weight
-* CE + kd_weight * T^2 * KL(batchmean) with KDParams' defaults; SGD with TrainConfig's lr, momentum, nesterov and
-weight decay (fused kernels on CUDA, foreach elsewhere, as the trainer picks them); the trainer's effective
-precision (autocast; always fp32 on CPU), channels_last and --compile settings. A round is one short epoch per
-implementation: the shuffled order (the loader's iterator / a randperm) is made inside the timed region, then
---steps steps run; on CUDA each implementation's steps run back to back between two CUDA events, on CPU the two
-implementations' steps are interleaved ABBA and each is timed alone with perf_counter. --warmup steps of each
-implementation run once per batch size before its first round. Rounds alternate which implementation goes first, so
-load from other processes hits both; each kdpipe/plain ratio is taken within a round and the median over --repeats
-rounds is compared with the target; images/s come from the median step time. FLOPs of one step (teacher forward +
-student forward + backward) are counted once with ``torch.utils.flop_counter.FlopCounterMode`` on the plain step
-(fp32, batch 8, scaled linearly with the batch); achieved TFLOP/s = step FLOPs / step time, also given as a fraction
-of the best square-matmul rate in the step's dtype (4096 on CUDA, 1024 and 2048 fp32 on CPU; timed before and after
-the steps, best kept). Memory: on CUDA ``max_memory_allocated`` per cell (reset before each) and the allocator
-growth when the data is placed; on CPU the process's peak RSS (``getrusage``; it never resets, so it only grows).
-The size of a full CIFAR-100 residency is measured from the tensors with --data and computed from the shapes
-otherwise.
+Method: teacher resnet32x4 (frozen, eval) and student resnet8x4, 3x32x32 inputs, 100 classes, built once from one seed;
+each implementation trains its own copy of the same initial weights. The data is one uint8 split placed on the device
+once and shared by both: synthetic uniform-random images and labels by default (--samples, 50,000 like the CIFAR-100
+train split; throughput does not depend on pixel values), or the real CIFAR-100 train split through kdpipe's imagefolder
+source with --data. (a) kdpipe: a ``Trainer`` around ``create_method(KDParams(), ...)`` with a default ``TrainConfig``,
+fed by a ``BatchLoader`` over the split (augment "cifar"); a step is ``next()`` on the loader's iterator (index gather,
+seeded crop + flip, normalisation, all on the device) then ``Trainer._step``; the fit loop's per-step logging
+(``float(loss)``, top-1) is not timed. (b) plain PyTorch: the same gather; crop with 4 px zero padding + horizontal flip
+per sample as one batched index (flip, pad, unfold, one window per sample) from the global RNG; x/255, mean/std; teacher
+forward under ``torch.inference_mode()``; student forward; loss = ce_weight * CE + kd_weight * T^2 * KL(batchmean) with
+KDParams' defaults; SGD with TrainConfig's lr, momentum, nesterov and weight decay (fused kernels on CUDA, foreach
+elsewhere, as the trainer picks them); the trainer's effective precision (autocast; on CPU bf16 only where the CPU
+computes it natively), channels_last and --compile settings. A round is one short epoch per implementation: the shuffled
+order (the loader's iterator / a randperm) is made inside the timed region, then --steps steps run; on CUDA each
+implementation's steps run back to back between two CUDA events, on CPU the two implementations' steps are interleaved
+ABBA and each is timed alone with perf_counter. --warmup steps of each implementation run once per batch size before its
+first round. Rounds alternate which implementation goes first, so load from other processes hits both; each kdpipe/plain
+ratio is taken within a round and the median over --repeats rounds is compared with the target; images/s come from the
+median step time. FLOPs of one step (teacher forward + student forward + backward) are counted once with
+``torch.utils.flop_counter.FlopCounterMode`` on the plain step (fp32, batch 8, scaled linearly with the batch); achieved
+TFLOP/s = step FLOPs / step time, also given as a fraction of the best square-matmul rate in the step's dtype (4096 on
+CUDA, 1024 and 2048 fp32 on CPU; timed before and after the steps, best kept). Memory: on CUDA ``max_memory_allocated``
+per cell (reset before each) and the allocator growth when the data is placed; on CPU the process's peak RSS
+(``getrusage``; it never resets, so it only grows). The size of a full CIFAR-100 residency is measured from the tensors
+with --data and computed from the shapes otherwise.
 
 Defaults: CPU max(1, 256 // batch) timed steps per round (4, 2, 1), 1 warm-up step, 3 rounds: 4 to 6 minutes at 2
 threads on the 2-core machine (a batch-512 step takes 20 to 35 s); CUDA 50 steps, 10 warm-up, 5 rounds. ``--smoke``

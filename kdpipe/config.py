@@ -144,7 +144,9 @@ class PerformanceConfig(StrictModel):
     ``precision`` (a stage field) is the other half."""
 
     channels_last: bool | None = None
-    """Keep conv weights and inputs in NHWC (tensor-core friendly). Default: on for CUDA, off on CPU."""
+    """Keep conv weights and inputs in NHWC. Default: on for CUDA (tensor cores) and for CPU training in bf16 (oneDNN's
+    bf16 convolutions: 1.35x a KD step, benchmarks/results/train_options_cpu.md), off for CPU fp32 (no gain measured).
+    """
     fused_optimizer: bool | None = None
     """PyTorch's fused SGD/AdamW kernels. Default: fused on CUDA, multi-tensor (foreach) elsewhere."""
     compile: bool = False

@@ -88,13 +88,15 @@ class QADConfig(StageConfig):
     """Fine-tuning schedule; a short one at a small lr (default 3 epochs at 0.01, cosine)."""
     calibration_samples: PositiveInt = 512
     """Training images used to calibrate the activation ranges before fine-tuning (and the PTQ baseline's)."""
-    fold_batchnorm: bool = False
-    """Fold BatchNorm into the preceding convolutions before fine-tuning. Off (the default, NVIDIA's own QAT recipe):
-    BatchNorm keeps normalising with batch statistics while the network is fine-tuned, and is folded later, by
-    onnxruntime's quantizer (``onnxruntime`` layout) or by TensorRT's engine builder; with per-output-channel weight
-    scales the int8 grid of a convolution is the same folded or not (folding scales each output channel). On, the
-    network fine-tunes without normalisation: measured to collapse a digits resnet8 under DKD (5x KD's gradient norm)
-    at an lr that KD survives."""
+    fold_batchnorm: bool | None = None
+    """Fold BatchNorm into the preceding convolutions before fine-tuning. Default (None): off with per-channel weights,
+    on with per-tensor ones. Off is NVIDIA's own QAT recipe: BatchNorm keeps normalising with batch statistics while
+    the network is fine-tuned, and is folded later, by onnxruntime's quantizer (``onnxruntime`` layout) or by
+    TensorRT's engine builder; with per-output-channel weight scales the int8 grid of a convolution is the same folded
+    or not (folding scales each output channel). With one scale per weight tensor it is not: the deployed graph
+    quantizes the folded weight, whose largest value sets another grid than the unfolded one fine-tuning saw, so
+    ``per_channel: false`` folds first unless told otherwise. On, the network fine-tunes without normalisation:
+    measured to collapse a digits resnet8 under DKD (5x KD's gradient norm) at an lr that KD survives."""
     int8_layout: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
     """The QDQ graph written. ``onnxruntime``: the fine-tuned weights re-quantized by onnxruntime's static quantizer
     (uint8 activations with a quantized output after every conv), which its CPU kernels fuse into integer
@@ -123,6 +125,11 @@ class QADConfig(StageConfig):
     kernels vs ModelOpt's emulation; default: agreement >= 0.95, top-1 drop <= 0.01) on the test split."""
     max_drop_vs_fp32: float = Field(0.01, ge=0.0, le=1.0)
     """The gate that QAD exists for: the fp32 student's test top-1 minus the int8 export's (0.01 = one point)."""
+
+    @property
+    def folds_batchnorm(self) -> bool:
+        """``fold_batchnorm`` resolved: as set, else on exactly when weights are quantized per tensor."""
+        return self.fold_batchnorm if self.fold_batchnorm is not None else not self.per_channel
 
 
 def qad_config_model() -> type[QADConfig]:
@@ -224,7 +231,8 @@ class QADStage(Stage):
         teacher = load_stage_model(teacher_rec, splits, ctx.device)
         torch.manual_seed(ctx.seed)
         # a copy either way: quantization happens in place, and fp32 stays the reference
-        student = fold_batchnorm(fp32) if cfg.fold_batchnorm else copy.deepcopy(fp32).eval()
+        fold = cfg.folds_batchnorm
+        student = fold_batchnorm(fp32) if fold else copy.deepcopy(fp32).eval()
         calibration = calibration_images(splits, cfg.calibration_samples, ctx.seed).to(ctx.device)
         ort_layout = cfg.int8_layout == "onnxruntime"
         input_shape = (splits.in_chans, splits.image_size, splits.image_size)
@@ -359,7 +367,7 @@ class QADStage(Stage):
                     "quantizers": n_quantizers,
                     "weight_bits": weight_bits,
                     "per_channel": cfg.per_channel,
-                    "batchnorm_folded": cfg.fold_batchnorm,
+                    "batchnorm_folded": fold,
                     "int8_layout": cfg.int8_layout,
                     "calibration_samples": len(calibration),
                     "method": method_params.model_dump(mode="json"),

@@ -3,6 +3,9 @@ methods and taps still find their layers), kdpipe's ModelOpt int8 config, and 8-
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -80,3 +83,57 @@ def test_seven_bit_weights_are_exported_on_trt_s_eight_bit_grid() -> None:
     assert quantized[0].weight_quantizer.num_bits == 7  # the fine-tuned network is left as it is
     torch.testing.assert_close(eight[0].weight_quantizer.amax, quantized[0].weight_quantizer.amax)
     assert with_8bit_weights(eight) is eight
+
+
+def _deployed_conv_weights(quantized: nn.Module, tmp_path: Path, calibration: torch.Tensor) -> list[torch.Tensor]:
+    """The convolution weights onnxruntime's int8 layout deploys for a fake-quantized network, as the qad stage
+    builds it (its float weights exported, BatchNorm folded by the exporter, then quantized per tensor), dequantized,
+    in graph order. 8-bit weights: onnxruntime's symmetric int8 grid (+-127 steps of max/127) is ModelOpt's; its
+    reduced range (+-64 steps of max/64) is not quite ModelOpt's 7 bits (+-63 of max/63)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from kdpipe.exports import export_onnx, quantize_int8
+    from kdpipe.exports.onnx import Preprocessing
+    from kdpipe.exports.qad import without_quantizers
+
+    pre = Preprocessing(mean=(0.5,) * 3, std=(0.5,) * 3, image_size=8, in_chans=3, channel_order="RGB", classes=("a",))
+    export_onnx(without_quantizers(quantized), tmp_path / "fp32.onnx", preprocessing=pre)
+    quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", calibration, per_channel=False, reduce_range=False)
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    weights = []
+    for node in (n for n in graph.node if n.op_type == "Conv"):
+        dq = producer[node.input[1]]
+        q, scale, zero = (consts[name] for name in dq.input[:3])
+        weights.append(torch.from_numpy((q.astype("float32") - zero.astype("float32")) * scale))
+    return weights
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_per_tensor_weights_deploy_the_grid_fine_tuning_saw_only_when_batchnorm_is_folded_first(
+    fold: bool, tmp_path: Path
+) -> None:
+    """With one scale per weight tensor, the int8 graph quantizes the BatchNorm-folded weight; fine-tuning must see
+    that same grid, hence the qad stage folds first for ``per_channel: false`` (``QADConfig.folds_batchnorm``).
+    Numerics of two grids, so synthetic weights and images suffice."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    net = _with_moving_statistics(net)
+    with torch.no_grad():
+        net[1].weight.copy_(torch.linspace(0.2, 3.0, 8))  # channel scales far apart: the grids differ when unfolded
+    calibration = torch.randn(32, 3, 8, 8)
+    student = fold_batchnorm(net) if fold else net
+    quantized = quantize_model(copy.deepcopy(student), calibration, weight_bits=8, per_channel=False)
+    conv, bn = quantized[0], net[1]
+    with torch.no_grad():
+        trained = conv.weight_quantizer(conv.weight)  # the fake-quantized weight fine-tuning computes with
+        if not fold:  # what it amounts to after the BatchNorm that follows it in training
+            trained = trained * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).view(-1, 1, 1, 1)
+    deployed = _deployed_conv_weights(quantized, tmp_path, calibration)[0]
+    step = float(deployed.abs().max()) / 127
+    error = float((deployed - trained).abs().mean())
+    if fold:
+        assert error < 0.01 * step  # the same grid point for every weight
+    else:
+        assert error > 0.1 * step  # another grid: off by a quarter of a step on average

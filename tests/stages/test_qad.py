@@ -426,3 +426,20 @@ def test_method_distill_fine_tunes_with_the_distill_stages_method(write_config: 
     loaded = load_config(write_config(text))
     params = resolve_qad_method("qad", loaded.config.stages["qad"], loaded)
     assert params.name == "dkd" and params.beta == 2.0
+
+
+@pytest.mark.parametrize(
+    ("settings", "folds"),
+    [
+        ({}, False),
+        ({"per_channel": False}, True),
+        ({"per_channel": False, "fold_batchnorm": False}, False),
+        ({"fold_batchnorm": True}, True),
+    ],
+)
+def test_per_tensor_weights_fold_batchnorm_unless_told_not_to(settings: dict[str, bool], folds: bool) -> None:
+    """One scale per weight tensor deploys the folded weight's grid (tests/exports/test_qad_library.py), so the
+    stage folds first by default there; per-channel weights keep NVIDIA's recipe (BatchNorm trains, folded later)."""
+    from kdpipe.stages.qad import QADConfig
+
+    assert QADConfig.model_validate({"type": "qad", **settings}).folds_batchnorm is folds

@@ -233,6 +233,12 @@ def test_the_card_lists_the_layers_kept_in_float(
             # per-tensor weights calibrated on 16 images: the all-int8 graph loses ~1% agreement on held-out images
             "    format: onnx-int8\n    calibration_samples: 16\n    per_channel: false\n    mixed_precision: 3\n"
             "    parity: {min_agreement: 0.995}\n",
+        ).replace(
+            # The scenario (the all-int8 graph misses the gate, one float layer meets it on the test split too) holds
+            # for one trained student, not for every one: its numerics are pinned (NCHW, as CPU bf16 trained before
+            # channels_last became its default).
+            "{epochs: 4, batch_size: 64, lr: 0.05}",
+            "{epochs: 4, batch_size: 64, lr: 0.05, performance: {channels_last: false}}",
         )
     )
     rd = cfg.parent / "run"

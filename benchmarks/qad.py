@@ -207,10 +207,9 @@ def collect(run_dir: Path) -> dict[str, Any]:
         "qad_seconds": qad["info"]["qad"]["train_seconds"],
         "params": distill["metrics"]["params"],
     }
-    control, control_ptq = (_json(control_dir(run_dir) / s / "result.json") for s in ("control", "control_ptq"))
-    if control and control_ptq:
-        row["control_fp32_top1"] = control["metrics"]["top1"]
-        row["control_ptq_top1"] = control_ptq["metrics"]["top1"]
+    control = [_json(control_dir(run_dir) / stage / "result.json") for stage in ("control", "control_ptq")]
+    if all(control):
+        row.update({key: result["metrics"]["top1"] for key, result in zip(CONTROL_KEYS, control, strict=True)})
     lost = row["fp32_top1"] - row["ptq_top1"]
     row["ptq_drop"] = lost
     row["qad_drop"] = row["fp32_top1"] - row["qad_top1"]
@@ -292,8 +291,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "ptq_top1": pct("ptq_top1"),
         "qad_top1": pct("qad_top1"),
         "mixed_top1": pct("mixed_top1"),
-        "control_fp32_top1": pct("control_fp32_top1"),
-        "control_ptq_top1": pct("control_ptq_top1"),
+        **{key: pct(key) for key in CONTROL_KEYS},
         "ptq_drop_points": drop_ptq,
         "qad_drop_points": drop_qad,
         "recovered_share": recovered,
@@ -450,16 +448,16 @@ def main(argv: list[str] | None = None) -> int:
             codes = list(pool.map(lambda s: run_kdpipe(recipes[s], work / f"s{s}", threads), args.seeds))
         print("exit codes:", dict(zip(args.seeds, codes, strict=True)), file=sys.stderr)
         if args.control:
+            students = {s: work / f"s{s}" / "distill" / "model.safetensors" for s in args.seeds}
             controls = {
-                s: _write(
-                    control_yaml(args, s, teacher_weights, work / f"s{s}" / "distill" / "model.safetensors"),
-                    work / f"control-s{s}.yaml",
-                )
-                for s in args.seeds
-                if (work / f"s{s}" / "distill" / "model.safetensors").is_file()
+                s: _write(control_yaml(args, s, teacher_weights, student), work / f"control-s{s}.yaml")
+                for s, student in students.items()
+                if student.is_file()
             }
             with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-                codes = list(pool.map(lambda s: run_kdpipe(controls[s], work / f"s{s}-control", threads), controls))
+                codes = list(
+                    pool.map(lambda s: run_kdpipe(controls[s], control_dir(work / f"s{s}"), threads), controls)
+                )
             print("control exit codes:", dict(zip(controls, codes, strict=True)), file=sys.stderr)
     rows = []
     for seed in args.seeds:

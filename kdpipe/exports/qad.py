@@ -134,6 +134,33 @@ def int8_config(weight_bits: int = 8, per_channel: bool = True) -> dict[str, Any
     }
 
 
+SAME_OP_SUBCLASSES: dict[str, type[nn.Module]] = {
+    "timm.layers.linear.Linear": nn.Linear,
+    "timm.layers.conv2d_same.Conv2dSame": nn.Conv2d,
+}
+"""Subclasses of a layer ModelOpt quantizes, by qualified class name, whose forward computes the parent's operation on
+``self.weight`` unchanged (timm's ``Linear`` only adds a dtype cast when scripted, ``Conv2dSame`` pads the input
+first). ModelOpt's registry matches exact classes, so timm students (``mobilenetv3_*``, ``efficientnet_*``: their
+classifier is timm's ``Linear``) would keep these layers in float; ``quantize_model`` registers them with the parent's
+quantized module. A subclass that transforms its weight (timm's ``StdConv2d`` standardises it) is not listed: its
+int8 graph would not compute what fake quantization trained, so it stays refused by name."""
+
+
+def register_same_op_layers(model: nn.Module) -> list[str]:
+    """Register with ModelOpt every ``SAME_OP_SUBCLASSES`` class used in ``model`` that it does not know yet, with the
+    quantized module of its parent class; the class names registered."""
+    mtq: Any = require_module("modelopt.torch.quantization", purpose="quantization-aware distillation")
+    from modelopt.torch.quantization.nn import QuantModuleRegistry
+
+    registered = []
+    for cls in {type(m) for m in model.modules()}:
+        parent = SAME_OP_SUBCLASSES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if parent is not None and issubclass(cls, parent) and QuantModuleRegistry.get(cls) is None:
+            mtq.register(original_cls=cls, quantized_cls=QuantModuleRegistry._registry[parent])
+            registered.append(cls.__qualname__)
+    return sorted(registered)
+
+
 def quantize_model(
     model: nn.Module,
     calibration: torch.Tensor,
@@ -155,6 +182,7 @@ def quantize_model(
                 net(batch)
 
     model.eval()
+    register_same_op_layers(model)
     quantized: nn.Module = mtq.quantize(model, int8_config(weight_bits, per_channel), forward_loop=forward_loop)
     if not quantizers(quantized):
         raise ConfigError(

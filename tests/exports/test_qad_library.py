@@ -75,6 +75,31 @@ def test_a_layer_named_like_a_language_model_head_is_still_quantized() -> None:
     )
 
 
+def test_timm_layers_that_subclass_linear_or_conv_are_quantized() -> None:
+    """timm students' classifiers are timm's ``Linear`` (a subclass of nn.Linear) and 'same'-padded convolutions are
+    ``Conv2dSame``; ModelOpt matches exact classes, so without kdpipe's registration they stay float and the qad stage
+    refuses mobilenetv3 (``classifier (Linear)``). Their weights must be fake-quantized in the forward, not just
+    wrapped."""
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    student = timm.create_model("mobilenetv3_small_050", num_classes=10).eval()
+    timm_linear = type(student.classifier)
+    assert timm_linear is not nn.Linear and issubclass(timm_linear, nn.Linear)
+    net = nn.Sequential(Conv2dSame(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), timm_linear(8, 10))
+    calibration = torch.randn(16, 3, 9, 9)
+    quantized = quantize_model(net, calibration, per_channel=False)
+    assert unquantized_layers(quantized) == {}
+    for layer in (quantized[0], quantized[4]):
+        reference = quantized(calibration)
+        layer.weight_quantizer.disable()
+        unquantized = quantized(calibration)
+        layer.weight_quantizer.enable()
+        assert not torch.equal(reference, unquantized)  # the weight goes through its quantizer in the forward
+    whole = quantize_model(student, torch.randn(8, 3, 32, 32))
+    assert unquantized_layers(whole) == {}
+
+
 def test_seven_bit_weights_are_exported_on_trt_s_eight_bit_grid() -> None:
     quantized = quantize_model(nn.Sequential(nn.Conv2d(3, 8, 3)), torch.randn(8, 3, 8, 8), weight_bits=7)
     assert quantized[0].weight_quantizer.num_bits == 7

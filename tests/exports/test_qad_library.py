@@ -86,7 +86,9 @@ def test_timm_layers_that_subclass_linear_or_conv_are_quantized() -> None:
     student = timm.create_model("mobilenetv3_small_050", num_classes=10).eval()
     timm_linear = type(student.classifier)
     assert timm_linear is not nn.Linear and issubclass(timm_linear, nn.Linear)
-    net = nn.Sequential(Conv2dSame(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), timm_linear(8, 10))
+    net = nn.Sequential(
+        Conv2dSame(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), timm_linear(8, 10)
+    )
     calibration = torch.randn(16, 3, 9, 9)
     quantized = quantize_model(net, calibration, per_channel=False)
     assert unquantized_layers(quantized) == {}

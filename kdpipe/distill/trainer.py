@@ -335,7 +335,11 @@ class Trainer:
         if not math.isfinite(loss_sum):
             raise FloatingPointError(
                 f"{self.label}: the training loss became {loss_sum} in epoch {epoch + 1} (by step {step + 1}); "
-                "lower the lr, or use precision bf16/fp32 instead of fp16"
+                + (
+                    "lower the lr, or use precision bf16/fp32 instead of fp16"
+                    if self.precision == "fp16"
+                    else f"lower the lr (training in {self.precision})"
+                )
             )
 
     # -- checkpoints ---------------------------------------------------------------------------------------------

@@ -129,7 +129,9 @@ def test_a_nan_loss_stops_training_with_the_epoch_and_the_fix(
         return out
 
     monkeypatch.setattr(method, "loss", poisoned)
-    with pytest.raises(FloatingPointError, match=r"loss became nan in epoch 2 \(by step 9\); lower the lr"):
+    with pytest.raises(
+        FloatingPointError, match=r"loss became nan in epoch 2 \(by step 9\); lower the lr \(training in fp32\)$"
+    ):
         fit(method, digits.splits, tmp_path, epochs=3)
     # The checkpoint is the end of epoch 1: a rerun resumes from weights the nan never reached.
     saved = torch.load(tmp_path / "last.pt", weights_only=True)

@@ -296,6 +296,7 @@ def export_onnx(
     metadata: dict[str, str] | None = None,
     precision: str = "fp32",
     check_rtol: float | None = None,
+    check_optimized: bool = True,
 ) -> OnnxExport:
     """Export ``model`` (a copy, in eval mode, on CPU, in fp32) to ``path`` and prove the file works.
 
@@ -308,7 +309,9 @@ def export_onnx(
 
     ``precision`` is recorded in the metadata (``int8-qdq`` for a fake-quantized model, whose Q/DQ nodes export as
     QuantizeLinear/DequantizeLinear); ``check_rtol`` replaces the 1e-3 check tolerance (relative to the logit scale)
-    where integer kernels round differently from the float emulation that was traced.
+    where integer kernels round differently from the float emulation that was traced; ``check_optimized=False`` runs
+    the check with onnxruntime's graph optimisations off (a QDQ graph's nodes executed as written, not fused into
+    integer kernels), which checks the graph's structure against the emulation without kernel rounding.
     """
     check_opset(opset)
     if dynamic_batch and check_batch < 2:
@@ -353,9 +356,8 @@ def export_onnx(
         },
     )
     serialized = onnx_model.SerializeToString()
-    checked = _check_batches(
-        net, serialized, preprocessing, dynamic_batch, check_batch, _CHECK_RTOL if check_rtol is None else check_rtol
-    )
+    rtol = _CHECK_RTOL if check_rtol is None else check_rtol
+    checked = _check_batches(net, serialized, preprocessing, dynamic_batch, check_batch, rtol, check_optimized)
 
     onnx_mod = require_module("onnx")
     atomic_write_with(path, lambda tmp: onnx_mod.save_model(onnx_model, str(tmp)))
@@ -408,10 +410,16 @@ def _within_float32_error(
 
 
 def _check_batches(
-    net: nn.Module, serialized: bytes, preprocessing: Preprocessing, dynamic: bool, check_batch: int, rtol: float
+    net: nn.Module,
+    serialized: bytes,
+    preprocessing: Preprocessing,
+    dynamic: bool,
+    check_batch: int,
+    rtol: float,
+    optimized: bool = True,
 ) -> tuple[int, ...]:
     """Run the serialized model in onnxruntime and compare with torch; returns the batch sizes that passed."""
-    session = create_onnx_session(serialized, providers=["CPUExecutionProvider"])
+    session = create_onnx_session(serialized, providers=["CPUExecutionProvider"], optimize=optimized)
     inp = session.get_inputs()[0].name
     batches = (1, check_batch) if dynamic else (1,)
     for batch in batches:

@@ -34,9 +34,13 @@ from kdpipe.fileio import atomic_write_with
 
 log = logging.getLogger(__name__)
 
-QDQ_CHECK_RTOL = 0.05
-"""The ONNX export check's tolerance for a QDQ graph, relative to the logit scale: onnxruntime's integer kernels
-round differently from the float emulation that was traced. Accuracy is gated by the parity check on real images."""
+QDQ_CHECK_RTOL = 1e-2
+"""The ONNX export check's tolerance for a QDQ graph, relative to the logit scale. The check runs the graph with
+onnxruntime's optimisations off, its QuantizeLinear/DequantizeLinear nodes executed as written: the same arithmetic as
+ModelOpt's fake quantization (equal logits on a CIFAR mobilenetv3), so a wrong graph cannot hide. With the fusion into
+integer kernels on, requantization rounds differently at every layer (3-6 % of the logit scale on that
+mobilenetv3, whose hard-swish and squeeze-excite layers run between Q/DQ pairs); that is a question of accuracy, gated
+on real images by the parity check, not of structure."""
 
 
 def _trace_with_batchnorm_leaves(model: nn.Module) -> Any:
@@ -300,6 +304,7 @@ def export_qdq_onnx(
         metadata=metadata,
         precision="int8-qdq",
         check_rtol=QDQ_CHECK_RTOL,
+        check_optimized=False,
     )
     from kdpipe.exports.quantize import count_qdq_nodes
 

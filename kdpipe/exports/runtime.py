@@ -54,6 +54,7 @@ def create_onnx_session(
     *,
     providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
     threads: int | None = None,
+    optimize: bool = True,
 ) -> ort.InferenceSession:
     """Open an ONNX model (a file path, or serialized bytes) in an onnxruntime session.
 
@@ -61,7 +62,9 @@ def create_onnx_session(
     ``(name, options)`` pair such as ``("CUDAExecutionProvider", {"device_id": 1})``; naming one this build
     lacks is a ``ConfigError`` listing those it has. ``threads`` sets the intra-op thread count (None: onnxruntime's
     default, one per physical core). Graph optimisations are all enabled (constant folding, operator fusion,
-    layout transforms and the QDQ -> QLinearConv fusion that makes int8 models fast on CPU).
+    layout transforms and the QDQ -> QLinearConv fusion that makes int8 models fast on CPU); ``optimize=False``
+    disables them all, so a QDQ graph runs its QuantizeLinear/DequantizeLinear nodes literally, in float: the graph's
+    own arithmetic, which is what fake quantization emulated (used to check a QDQ export's structure).
     """
     ort = require_module("onnxruntime")
     available = ort.get_available_providers()
@@ -76,7 +79,9 @@ def create_onnx_session(
         raise ConfigError(f"onnxruntime threads must be >= 0 (0 = onnxruntime's default), got {threads}")
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     if threads is not None:
         options.intra_op_num_threads = threads
     # Operators of these small CNNs run one after another; a second pool of inter-op threads only competes

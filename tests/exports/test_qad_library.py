@@ -164,3 +164,37 @@ def test_per_tensor_weights_deploy_the_grid_fine_tuning_saw_only_when_batchnorm_
         assert error < 0.01 * step  # the same grid point for every weight
     else:
         assert error > 0.1 * step  # another grid: off by a quarter of a step on average
+
+
+def test_the_qdq_export_is_checked_as_written_where_it_computes_what_fake_quantization_did(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``export_qdq_onnx`` checks the graph with onnxruntime's fusions off: its Q/DQ nodes executed literally give
+    ModelOpt's fake-quantized logits (here exactly, on a mobilenetv3 with hard-swish and squeeze-excite), so the check
+    can be tight and still pass. With the fusions on, integer kernels requantize with their own rounding at every
+    layer; on a trained CIFAR-100 mobilenetv3 that moved logits by 3-6 % of their scale and failed the old check."""
+    from kdpipe.exports import onnx as onnx_export
+    from kdpipe.exports.onnx import Preprocessing
+    from kdpipe.exports.qad import QDQ_CHECK_RTOL, export_qdq_onnx
+    from kdpipe.exports.runtime import create_onnx_session
+
+    seen: list[bool] = []
+    real = onnx_export.create_onnx_session
+
+    def recording(*args: object, **kwargs: object) -> object:
+        seen.append(bool(kwargs.get("optimize", True)))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(onnx_export, "create_onnx_session", recording)
+    torch.manual_seed(0)
+    student = _with_moving_statistics(timm.create_model("mobilenetv3_small_050", num_classes=10))
+    calibration = torch.randn(32, 3, 32, 32)
+    quantized = quantize_model(fold_batchnorm(student), calibration, weight_bits=8, per_channel=False)
+    pre = Preprocessing(mean=(0.5,) * 3, std=(0.5,) * 3, image_size=32, in_chans=3, channel_order="RGB", classes=("a",))
+    export_qdq_onnx(quantized, tmp_path / "qdq.onnx", preprocessing=pre)
+    assert seen and not any(seen)  # every check session ran the graph as written
+    session = create_onnx_session(tmp_path / "qdq.onnx", providers=["CPUExecutionProvider"], optimize=False)
+    got = session.run(None, {"input": calibration.numpy()})[0]
+    with torch.inference_mode():
+        expected = quantized(calibration).numpy()
+    assert abs(got - expected).max() <= 1e-4 * abs(expected).max() < QDQ_CHECK_RTOL * abs(expected).max()

@@ -209,10 +209,14 @@ def unquantized_layers(model: nn.Module) -> dict[str, str]:
 
 
 def without_quantizers(model: nn.Module) -> nn.Module:
-    """A copy of a fake-quantized ``model`` with every ModelOpt quantizer disabled: the float network with the
-    weights QAD fine-tuned (for re-quantization in onnxruntime's own QDQ layout)."""
+    """A copy of a fake-quantized ``model`` with every ModelOpt quantizer disabled and each weight replaced by its
+    fake-quantized value (ModelOpt's ``fold_weight``): the float network computing with the weights fine-tuning
+    computed with, for re-quantization in onnxruntime's own QDQ layout. Not the latent float weights: fine-tuning never
+    computes with them, and those beyond the calibrated range (clipped, so without gradient) drift; on a CIFAR-100
+    mobilenetv3 the latent network scored 22.8 % where the fake-quantized one scored 36.7 %."""
     mtq: Any = require_module("modelopt.torch.quantization", purpose="quantization-aware distillation")
     plain = copy.deepcopy(model)
+    mtq.fold_weight(plain)
     mtq.disable_quantizer(plain, "*")
     return plain
 

@@ -198,3 +198,23 @@ def test_the_qdq_export_is_checked_as_written_where_it_computes_what_fake_quanti
     with torch.inference_mode():
         expected = quantized(calibration).numpy()
     assert abs(got - expected).max() <= 1e-4 * abs(expected).max() < QDQ_CHECK_RTOL * abs(expected).max()
+
+
+def test_the_float_network_for_re_quantization_computes_with_the_fake_quantized_weights() -> None:
+    """The qad stage's onnxruntime layout re-quantizes the float network ``without_quantizers`` returns; its weights
+    must be the fake-quantized ones fine-tuning computed with, not the latent float weights behind them (which differ
+    by rounding everywhere and, beyond the calibrated range, by whatever they drifted while clipped)."""
+    from kdpipe.exports.qad import without_quantizers
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    calibration = torch.randn(16, 3, 8, 8)
+    quantized = quantize_model(net, calibration, weight_bits=7, per_channel=False)
+    with torch.no_grad():
+        quantized[0].weight[0, 0, 0, 0] = 10 * quantized[0].weight.abs().max()  # drifted beyond the range: clipped
+        expected = {i: quantized[i].weight_quantizer(quantized[i].weight) for i in (0, 4)}
+    plain = without_quantizers(quantized)
+    assert not quantizers(plain) and quantizers(quantized)  # a copy: the fake-quantized network keeps its quantizers
+    for i, weight in expected.items():
+        assert torch.equal(plain[i].weight, weight)
+        assert not torch.equal(plain[i].weight, quantized[i].weight)

@@ -222,16 +222,32 @@ def without_quantizers(model: nn.Module) -> nn.Module:
 
 
 def with_8bit_weights(model: nn.Module) -> nn.Module:
-    """``model`` itself when every weight quantizer has 8 bits, else a copy whose weight quantizers have 8 bits (same
-    per-channel ranges, twice the levels): ModelOpt exports int8 QDQ only, and a network fine-tuned with 7-bit weights
-    for onnxruntime loses nothing in TensorRT's finer 8-bit grid."""
+    """``model`` itself when every weight quantizer has 8 bits, else a copy computing exactly the same weights with
+    8-bit weight quantizers (ModelOpt exports int8 QDQ only; TensorRT builds from it). Each weight becomes its
+    fake-quantized value on the n-bit grid fine-tuning used (steps of amax / (2^(n-1) - 1)), and its 8-bit quantizer
+    gets the range whose steps are 2^(8-n) times finer (amax * 127 / 126 for 7 bits), so every trained value is an
+    8-bit grid point. Re-quantizing the latent weights at 8 bits instead is a different network: on a CIFAR-100
+    mobilenetv3 with per-tensor 7-bit weights, its QDQ graph scored 30.8 % where the fine-tuned network scored
+    37.8 %."""
+    mtq: Any = require_module("modelopt.torch.quantization", purpose="quantization-aware distillation")
     weight = {n: q for n, q in quantizers(model).items() if n.endswith("weight_quantizer")}
     if all(q.num_bits == 8 for q in weight.values()):
         return model
     copied = copy.deepcopy(model)
-    for name, quantizer in quantizers(copied).items():
-        if name.endswith("weight_quantizer"):
-            quantizer.num_bits = 8
+    for module in copied.modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        if not isinstance(module, mtq.nn.QuantModule) or quantizer is None or not quantizer.is_enabled:
+            continue
+        bits = quantizer.num_bits
+        if bits == 8:
+            continue
+        if not isinstance(bits, int) or not 2 <= bits < 8 or quantizer.amax is None:
+            raise ExportError(f"cannot put {bits}-bit weights on an 8-bit grid (amax {quantizer.amax})")
+        with torch.no_grad():
+            module.weight.copy_(quantizer(module.weight))
+            finer = 2 ** (8 - bits)
+            quantizer.amax = quantizer.amax * 127 / ((2 ** (bits - 1) - 1) * finer)
+        quantizer.num_bits = 8
     return copied
 
 

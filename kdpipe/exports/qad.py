@@ -160,7 +160,7 @@ def register_same_op_layers(model: nn.Module) -> list[str]:
     for cls in {type(m) for m in model.modules()}:
         parent = SAME_OP_SUBCLASSES.get(f"{cls.__module__}.{cls.__qualname__}")
         if parent is not None and issubclass(cls, parent) and QuantModuleRegistry.get(cls) is None:
-            mtq.register(original_cls=cls, quantized_cls=QuantModuleRegistry._registry[parent])
+            mtq.register(original_cls=cls, quantized_cls=QuantModuleRegistry[parent])
             registered.append(cls.__qualname__)
     return sorted(registered)
 

@@ -176,7 +176,8 @@ def test_auto_normalisation_follows_the_pretrained_teacher_into_the_onnx_metadat
     import onnx
 
     _hub_folder(tmp_path / "teacher-hub", "resnet10t", (0.5, 0.4, 0.3))
-    weights = "weights: {checkpoint: teacher-hub, train: {epochs: 1, batch_size: 32, lr: 0.01}}"
+    # fp32: this randomly initialised ImageNet network on 8x8 images went nan in CPU bf16 in about 1 run of 4
+    weights = "weights: {checkpoint: teacher-hub, train: {epochs: 1, batch_size: 32, lr: 0.01}}\n    precision: fp32"
     text = TINY.replace(TRAIN, weights).replace("model: resnet8", "model: resnet10t", 1)
     text = text.replace("  card:\n    type: model_card\n", "  onnx:\n    type: export\n    format: onnx\n")
     Runner(load_config(write_config(text)), tmp_path / "run").run()

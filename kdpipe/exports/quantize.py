@@ -61,7 +61,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,7 @@ def quantize_int8(
     reduce_range: bool | None = None,
     pad_stem_channels: int | None = 4,
     nodes_to_exclude: Sequence[str] = (),
+    tensor_overrides: Callable[[Any], dict[str, list[dict[str, Any]]]] | None = None,
 ) -> Path:
     """Static int8 quantization of ``fp32_path`` into a QDQ graph at ``out_path``, calibrated on ``calibration``.
 
@@ -184,6 +185,9 @@ def quantize_int8(
     1-channel stem convolution reads a zero-padded copy of the input with this many channels (faster on
     onnxruntime's CPU EP, same result; None leaves it as is).
     ``nodes_to_exclude``: names of nodes (as ``quantizable_nodes`` lists them) left in float: mixed precision.
+    ``tensor_overrides``: called with the graph about to be quantized (an ``onnx.ModelProto``, after pre-processing),
+    returns onnxruntime ``TensorQuantOverrides`` (scales and zero points by tensor name) that replace calibration for
+    those tensors: how a quantization-aware fine-tuned network keeps the grids it was trained on.
     The fp32 model's ``metadata_props`` are carried over, ``kdpipe.precision`` becomes "int8" and
     ``kdpipe.quantization`` records the settings as JSON. Failures are ``ExportError``; bad settings ``ConfigError``.
     """
@@ -233,6 +237,12 @@ def quantize_int8(
                 settings["stem_channel_pad"] = pad_stem_channels
                 source = Path(tmp) / "stem-padded.onnx"
                 require_module("onnx").save_model(graph, str(source))
+        extra: dict[str, Any] = {"ActivationSymmetric": activation_type == "int8", "WeightSymmetric": True}
+        if tensor_overrides is not None:
+            overrides = tensor_overrides(_load(source))
+            if overrides:
+                extra["TensorQuantOverrides"] = overrides
+            settings["fixed_scales"] = len(overrides)
         quantized = Path(tmp) / "int8.onnx"
         try:
             quant.quantize_static(
@@ -249,7 +259,7 @@ def quantize_int8(
                     "entropy": quant.CalibrationMethod.Entropy,
                     "percentile": quant.CalibrationMethod.Percentile,
                 }[method],
-                extra_options={"ActivationSymmetric": activation_type == "int8", "WeightSymmetric": True},
+                extra_options=extra,
                 nodes_to_exclude=list(nodes_to_exclude),
             )
         except Exception as exc:

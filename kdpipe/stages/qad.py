@@ -39,6 +39,7 @@ from kdpipe.exports.qad import (
     QADInt8Format,
     export_qdq_onnx,
     fold_batchnorm,
+    onnxruntime_overrides,
     quantize_model,
     quantizers,
     unquantized_layers,
@@ -258,7 +259,7 @@ class QADStage(Stage):
                 model, path, preprocessing=pre, opset=cfg.opset, dynamic_batch=cfg.dynamic_batch, metadata=meta
             )
 
-        def int8(fp32_path: Path, out: Path, float_nodes: Sequence[str] = ()) -> Path:
+        def int8(fp32_path: Path, out: Path, float_nodes: Sequence[str] = (), trained: Any = None) -> Path:
             return quantize_int8(
                 fp32_path,
                 out,
@@ -266,6 +267,7 @@ class QADStage(Stage):
                 per_channel=cfg.per_channel,
                 reduce_range=self._reduce_range(),
                 nodes_to_exclude=float_nodes,
+                tensor_overrides=trained,
             )
 
         def qdq(model: torch.nn.Module, path: Path) -> Any:
@@ -308,7 +310,14 @@ class QADStage(Stage):
         if ort_layout:
             fp32_path = ctx.dir / "model.fp32.onnx"
             onnx_info = onnx_fp32(without_quantizers(deployed), fp32_path)
-            int8(fp32_path, artifact)
+
+            def trained_scales(graph: Any) -> dict[str, list[dict[str, Any]]]:
+                # the grids fine-tuning trained on, not onnxruntime's recalibration (see onnxruntime_overrides)
+                overrides, skipped = onnxruntime_overrides(deployed, graph, reduce_range=self._reduce_range())
+                info["trained_scales"] = {"tensors": len(overrides), "left_to_calibration": skipped}
+                return overrides
+
+            int8(fp32_path, artifact, trained=trained_scales)
             artifacts["fp32"] = fp32_path.name
             qdq(deployed, ctx.dir / QDQ_GRAPH)
             artifacts["qdq"] = QDQ_GRAPH
@@ -318,7 +327,7 @@ class QADStage(Stage):
                 assert min_agreement is not None
 
                 def requantize(path: Path, float_nodes: Sequence[str]) -> Path:
-                    return int8(fp32_path, path, float_nodes)
+                    return int8(fp32_path, path, float_nodes, trained_scales)
 
                 held = heldout_images(splits, cfg.calibration_samples, 512, ctx.seed).numpy()
                 mixed = mixed_precision(fp32_path, artifact, requantize, held, cfg.mixed_precision, min_agreement)

@@ -235,3 +235,120 @@ def test_the_float_network_for_re_quantization_computes_with_the_fake_quantized_
     for i, weight in expected.items():
         assert torch.equal(plain[i].weight, weight)
         assert not torch.equal(plain[i].weight, quantized[i].weight)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "mobilenetv3_small_050"])
+def test_every_convolution_of_the_export_is_matched_to_its_module(name: str, tmp_path: Path) -> None:
+    """The onnxruntime layout finds each Conv/Gemm's quantizers by the node's scope name: attribute levels
+    (``conv_dw``) and container children (``blocks.0``, ``downsample.0``, written relative to the container's own
+    level) must both resolve to the module that was traced."""
+    import onnx
+
+    from kdpipe.exports import export_onnx
+    from kdpipe.exports.onnx import Preprocessing
+    from kdpipe.exports.qad import onnx_module_name
+
+    model = timm.create_model(name, num_classes=10).eval()
+    pre = Preprocessing(mean=(0.5,) * 3, std=(0.5,) * 3, image_size=32, in_chans=3, channel_order="RGB", classes=("a",))
+    export_onnx(model, tmp_path / "fp32.onnx", preprocessing=pre)
+    nodes = [n for n in onnx.load(str(tmp_path / "fp32.onnx")).graph.node if n.op_type in ("Conv", "Gemm")]
+    modules = dict(model.named_modules())
+    found = {onnx_module_name(n.name) for n in nodes}
+    assert len(found) == len(nodes)  # one module per node
+    assert all(isinstance(modules.get(m), (nn.Conv2d, nn.Linear)) for m in found), found
+    assert found == {n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def _requantized(
+    quantized: nn.Module, tmp_path: Path, calibration: torch.Tensor, per_channel: bool, trained: bool
+) -> tuple[Path, Path, dict[str, str]]:
+    """The qad stage's onnxruntime layout of a fake-quantized network (7-bit weights): its float export and the int8
+    graph, re-quantized with the trained scales or (``trained=False``) recalibrated; and the layers left to
+    calibration."""
+    from kdpipe.exports import export_onnx, quantize_int8
+    from kdpipe.exports.onnx import Preprocessing
+    from kdpipe.exports.qad import onnxruntime_overrides, without_quantizers
+
+    chans = calibration.shape[1]
+    pre = Preprocessing(
+        mean=(0.5,) * chans, std=(0.5,) * chans, image_size=calibration.shape[-1], in_chans=chans,
+        channel_order="RGB" if chans == 3 else "L", classes=("a",),
+    )  # fmt: skip
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / f"int8-{trained}.onnx"
+    export_onnx(without_quantizers(quantized), fp32, preprocessing=pre)
+    skipped: dict[str, str] = {}
+
+    def overrides(graph: object) -> dict[str, list[dict[str, object]]]:
+        found, left = onnxruntime_overrides(quantized, graph)
+        skipped.update(left)
+        return found
+
+    quantize_int8(fp32, int8, calibration, per_channel=per_channel, tensor_overrides=overrides if trained else None)
+    return fp32, int8, skipped
+
+
+@pytest.mark.parametrize(
+    ("name", "chans", "per_channel"),
+    [("mobilenetv3_small_050", 3, True), ("mobilenetv3_small_050", 3, False), ("resnet8", 1, True)],
+)
+def test_the_onnxruntime_layout_deploys_the_grids_fine_tuning_trained(
+    name: str, chans: int, per_channel: bool, tmp_path: Path
+) -> None:
+    """Re-quantized with the trained scales, every weight of the int8 graph is exactly the value fine-tuning computed
+    with (times the BatchNorm the exporter folded in: per-channel weights here fine-tune with BatchNorm unfolded), and
+    every layer input is quantized on ModelOpt's grid: amax / 127 steps, zero point 128 (0 after a Relu, which
+    onnxruntime folds into the quantization). Recalibrated, neither holds. Covers hard-swish and squeeze-excite
+    (mobilenetv3), a Relu-fed classifier, shortcut convolutions and a zero-padded 1-channel stem (resnet8)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from kdpipe.exports.qad import onnx_module_name
+
+    torch.manual_seed(0)
+    model = _with_moving_statistics(timm.create_model(name, num_classes=10, in_chans=chans))
+    if not per_channel:
+        model = fold_batchnorm(model)  # as the qad stage does for one scale per weight tensor
+    calibration = torch.randn(64, chans, 32, 32)
+    quantized = quantize_model(model, calibration, weight_bits=7, per_channel=per_channel)
+    fp32_path, int8_path, skipped = _requantized(quantized, tmp_path, calibration, per_channel, trained=True)
+    assert skipped == {}
+    _, recalibrated_path, _ = _requantized(quantized, tmp_path, calibration, per_channel, trained=False)
+    float_weights = {
+        n.name: numpy_helper.to_array(
+            next(i for i in onnx.load(str(fp32_path)).graph.initializer if i.name == n.input[1])
+        )
+        for n in onnx.load(str(fp32_path)).graph.node
+        if n.op_type in ("Conv", "Gemm")
+    }
+    modules = dict(quantized.named_modules())
+
+    def grids(path: Path) -> tuple[float, float]:
+        """Largest weight error (in steps of the trained grid) and largest input-scale error (relative)."""
+        graph = onnx.load(str(path)).graph
+        consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        producer = {o: n for n in graph.node for o in n.output}
+        weight_error = scale_error = 0.0
+        convs = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
+        assert len(convs) == len(float_weights)
+        for node in convs:
+            module = modules[onnx_module_name(node.name)]
+            dq = producer[node.input[1]]
+            q, scale, zero = (consts[i] for i in dq.input[:3])
+            shape = [-1] + [1] * (q.ndim - 1) if scale.ndim else []
+            weight = (q.astype(np.float64) - zero.astype(np.float64).reshape(shape)) * scale.reshape(shape)
+            expected = float_weights[node.name]
+            weight = weight[:, : expected.shape[1]]  # the padded stem's extra input channels are zero
+            weight_error = max(weight_error, float((np.abs(weight - expected) / scale.reshape(shape)).max()))
+            dq_in = producer[node.input[0]]
+            in_scale, in_zero = consts[dq_in.input[1]], consts[dq_in.input[2]]
+            step = float(module.input_quantizer.amax) / 127
+            scale_error = max(scale_error, abs(float(in_scale) / step - 1))
+            relu_fed = in_zero == 0  # onnxruntime removed a Relu here; otherwise the signed grid's zero point
+            assert int(in_zero) in ((0, 128) if relu_fed else (128,)) or scale_error > 1e-3
+        return weight_error, scale_error
+
+    weight_error, scale_error = grids(int8_path)
+    assert weight_error < 1e-3 and scale_error < 1e-6  # every weight a grid point it trained on, every input grid
+    old_weight_error, old_scale_error = grids(recalibrated_path)
+    assert old_weight_error > 0.1 and old_scale_error > 0.01  # onnxruntime's own grids are others

@@ -11,6 +11,9 @@
 3. The fake-quantized student is fine-tuned by the kdpipe trainer with a distillation loss from the teacher.
 4. ``export_qdq_onnx``: the TorchScript ONNX exporter turns ModelOpt's quantizers into QuantizeLinear /
    DequantizeLinear pairs (signed, symmetric: what TensorRT builds int8 engines from and onnxruntime runs).
+5. For onnxruntime's CPU layout, the float network (``without_quantizers``) is re-quantized by onnxruntime's static
+   quantizer with the scales fine-tuning trained (``onnxruntime_overrides``), so its fused integer kernels compute
+   on the same weight and input grids.
 
 ``nvidia-modelopt`` is part of the ``export`` extra and is imported inside these functions.
 """

@@ -314,21 +314,27 @@ def test_the_onnxruntime_layout_deploys_the_grids_fine_tuning_trained(
     fp32_path, int8_path, skipped = _requantized(quantized, tmp_path, calibration, per_channel, trained=True)
     assert skipped == {}
     _, recalibrated_path, _ = _requantized(quantized, tmp_path, calibration, per_channel, trained=False)
-    float_weights = {
-        n.name: numpy_helper.to_array(
-            next(i for i in onnx.load(str(fp32_path)).graph.initializer if i.name == n.input[1])
-        )
-        for n in onnx.load(str(fp32_path)).graph.node
-        if n.op_type in ("Conv", "Gemm")
-    }
+    fp32 = onnx.load(str(fp32_path)).graph
+    fp32_consts = {i.name: numpy_helper.to_array(i) for i in fp32.initializer}
+    fp32_producer = {o: n for n in fp32.node for o in n.output}
+    float_weights, relu_fed = {}, {}
+    for node in (n for n in fp32.node if n.op_type in ("Conv", "Gemm")):
+        float_weights[node.name] = fp32_consts[node.input[1]]
+        source = fp32_producer.get(node.input[0])
+        while source is not None and source.op_type in ("Flatten", "Pad"):
+            source = fp32_producer.get(source.input[0])
+        relu_fed[node.name] = source is not None and source.op_type == "Relu"
+    assert any(relu_fed.values()) and not all(relu_fed.values())
     modules = dict(quantized.named_modules())
 
-    def grids(path: Path) -> tuple[float, float]:
-        """Largest weight error (in steps of the trained grid) and largest input-scale error (relative)."""
+    def grids(path: Path) -> tuple[float, float, int]:
+        """Largest weight error (in steps of the int8 grid), largest input-scale error (relative to the trained step)
+        and how many inputs have another zero point than the trained grid's."""
         graph = onnx.load(str(path)).graph
         consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
         producer = {o: n for n in graph.node for o in n.output}
         weight_error = scale_error = 0.0
+        zero_errors = 0
         convs = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
         assert len(convs) == len(float_weights)
         for node in convs:
@@ -344,11 +350,12 @@ def test_the_onnxruntime_layout_deploys_the_grids_fine_tuning_trained(
             in_scale, in_zero = consts[dq_in.input[1]], consts[dq_in.input[2]]
             step = float(module.input_quantizer.amax) / 127
             scale_error = max(scale_error, abs(float(in_scale) / step - 1))
-            relu_fed = in_zero == 0  # onnxruntime removed a Relu here; otherwise the signed grid's zero point
-            assert int(in_zero) in ((0, 128) if relu_fed else (128,)) or scale_error > 1e-3
-        return weight_error, scale_error
+            # the signed grid's zero point; 0 where onnxruntime folded a Relu into the quantization
+            zero_errors += int(in_zero) != (0 if relu_fed[node.name] else 128)
+        return weight_error, scale_error, zero_errors
 
-    weight_error, scale_error = grids(int8_path)
-    assert weight_error < 1e-3 and scale_error < 1e-6  # every weight a grid point it trained on, every input grid
-    old_weight_error, old_scale_error = grids(recalibrated_path)
-    assert old_weight_error > 0.1 and old_scale_error > 0.01  # onnxruntime's own grids are others
+    weight_error, scale_error, zero_errors = grids(int8_path)
+    # every weight a point of the grid it trained on, every layer input on its trained grid
+    assert weight_error < 1e-3 and scale_error < 1e-6 and zero_errors == 0
+    old_weight_error, old_scale_error, old_zero_errors = grids(recalibrated_path)
+    assert old_weight_error > 0.1 and old_scale_error > 0.01 and old_zero_errors > 0  # onnxruntime's own grids

@@ -205,6 +205,9 @@ def collect(run_dir: Path) -> dict[str, Any]:
         "ptq_top1": ptq["metrics"]["top1"],
         "qad_top1": qad["metrics"]["top1"],
         "qad_ptq_baseline_top1": qad["metrics"]["ptq_top1"],  # the qad stage's own PTQ: equal to ptq_top1
+        # the fake-quantized network the int8 graph was exported from, and how often the two agree on test images
+        "qad_network_top1": qad["metrics"].get("torch_top1"),
+        "qad_graph_agreement": qad["metrics"].get("top1_agreement"),
         "mixed_top1": mixed_parity.get("export_top1"),
         "mixed_float_layers": mixed.get("float_layers"),
         "mixed_agreement": [mixed.get("agreement_int8"), mixed.get("agreement_mixed")],
@@ -323,7 +326,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"- int8 graphs: onnxruntime static QDQ, {meta['weights']} weights (7-bit, reduced range), uint8 activations "
         "calibrated on 512 training images. QAD: the qad stage, "
         f"{meta['qad_epochs']} epochs of KD at lr {meta['qad_lr']} under ModelOpt fake quantization, re-quantized in "
-        f"the same layout. Mixed: onnx-int8 with mixed_precision {meta['mixed_budget']} "
+        "the same layout with the scales fine-tuning trained. "
+        f"Mixed: onnx-int8 with mixed_precision {meta['mixed_budget']} "
         f"(target agreement {meta['mixed_agreement']} with fp32 on the held-out images).",
         f"- {env.get('date', '')}, {env.get('device')}, {env.get('cpu_count')} CPUs, torch {env.get('torch')}, "
         f"onnxruntime {env.get('onnxruntime')}, modelopt {meta.get('modelopt')}, commit `{env.get('commit')}`.",
@@ -377,18 +381,25 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Per seed:",
         "",
-        "| seed | fp32 | PTQ | QAD | mixed | float layers (mixed) | QAD's own PTQ | control fp32 | control PTQ |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| seed | fp32 | PTQ | QAD | QAD network (agreement) | mixed | float layers (mixed) | QAD's own PTQ "
+        "| control fp32 | control PTQ |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['seed']} | error: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['seed']} | error: {r['error']} | | | | | | | | |")
             continue
         mixed = f"{100 * r['mixed_top1']:.2f}" if r.get("mixed_top1") is not None else "—"
         control = [f"{100 * r[k]:.2f}" if r.get(k) is not None else "—" for k in CONTROL_KEYS]
+        network = (
+            f"{100 * r['qad_network_top1']:.2f} ({r['qad_graph_agreement']:.2f})"
+            if r.get("qad_network_top1") is not None
+            else "—"
+        )
         lines.append(
             f"| {r['seed']} | {100 * r['fp32_top1']:.2f} | {100 * r['ptq_top1']:.2f} | {100 * r['qad_top1']:.2f} | "
-            f"{mixed} | {len(r.get('mixed_float_layers') or [])} | {100 * r['qad_ptq_baseline_top1']:.2f} | "
+            f"{network} | {mixed} | {len(r.get('mixed_float_layers') or [])} | "
+            f"{100 * r['qad_ptq_baseline_top1']:.2f} | "
             f"{control[0]} | {control[1]} |"
         )
     return "\n".join(lines) + "\n"

@@ -30,7 +30,7 @@ from kdpipe.config import TrainConfig
 from kdpipe.distill.early_stopping import EarlyStopping
 from kdpipe.distill.evaluate import EvalResult, evaluate
 from kdpipe.distill.methods.base import KDMethod
-from kdpipe.distill.precision import Precision, resolve_precision
+from kdpipe.distill.precision import Precision, ResolvedPrecision, resolve_precision, strided_convs_on_one_pixel
 from kdpipe.distill.step import Build, StepControl
 from kdpipe.errors import ConfigError, DataError, Interrupted
 from kdpipe.fileio import atomic_write_with, zip_damage
@@ -244,6 +244,7 @@ class Trainer:
         label: str = "train",
         on_epoch: Callable[[dict[str, float]], None] | None = None,
         stop_after_steps: int | None = None,
+        input_shape: tuple[int, int, int] | None = None,
     ) -> None:
         self.method = method.to(device)
         self.cfg = cfg
@@ -259,6 +260,16 @@ class Trainer:
         # Test hook: behave as if SIGTERM arrived after this many optimizer steps (counted from this fit() call).
         self.stop_after_steps = stop_after_steps
         self.resolved = resolve_precision(precision, device)
+        if self.resolved.precision == "bf16" and device.type == "cpu" and input_shape is not None:
+            wrong = strided_convs_on_one_pixel(method.networks(), input_shape)
+            if wrong:
+                listed = ", ".join(wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+                self.resolved = ResolvedPrecision(
+                    precision,
+                    "fp32",
+                    f"torch {torch.__version__}'s CPU bf16 convolution computes wrong weight gradients for a strided "
+                    f"convolution over a feature map one pixel wide ({listed}); larger images avoid it",
+                )
         self.precision = self.resolved.precision
         if self.resolved.reason:
             log.info("%s: precision %s asked for, training in %s: %s", label, precision, self.precision,

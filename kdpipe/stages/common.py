@@ -144,12 +144,13 @@ def train_method(
     """Run the trainer for a stage: its checkpoint lives in the stage folder and resumes only for the same
     fingerprint; per-epoch metrics go to events.jsonl."""
     train_loader, eval_loader = create_loaders(ctx, train)
+    splits = ctx.data()
     return Trainer(
         method,
         train,
         train_batches=train_loader,
         eval_batches=eval_loader,
-        num_classes=ctx.data().num_classes,
+        num_classes=splits.num_classes,
         device=ctx.device,
         checkpoint_path=ctx.dir / "checkpoints" / "last.pt",
         fingerprint=ctx.fingerprint,
@@ -158,6 +159,7 @@ def train_method(
         label=label,
         on_epoch=lambda row: ctx.event("epoch", **row),
         stop_after_steps=ctx.options.get("stop_after_steps", {}).get(ctx.name),
+        input_shape=(splits.in_chans, splits.image_size, splits.image_size),
     ).fit()
 
 

@@ -103,8 +103,9 @@ class QADConfig(StageConfig):
     (uint8 activations with a quantized output after every conv), which its CPU kernels fuse into integer
     convolutions, at post-training quantization's latency; fine-tuning then fake-quantizes weights with the same bit
     width (7 bits while ``reduce_range``), and every layer's weight and input keep the scales fine-tuning trained
-    (``onnxruntime_overrides``; the result's ``trained_scales`` lists any layer left to onnxruntime's calibration). ModelOpt's own graph quantizes only layer inputs, which onnxruntime leaves
-    as float convolutions (measured 2.7-4x slower on digits' resnet8). ``tensorrt``: ModelOpt's signed symmetric QDQ
+    (``onnxruntime_overrides``; the result's ``trained_scales`` lists any layer left to onnxruntime's calibration).
+    ModelOpt's own graph quantizes only layer inputs, which onnxruntime leaves as float convolutions (measured 2.7-4x
+    slower on digits' resnet8). ``tensorrt``: ModelOpt's signed symmetric QDQ
     graph as trained, what TensorRT builds int8 engines from (the stage's ``model.onnx`` in this layout; the
     onnxruntime layout writes it beside its own graph as ``model.qdq.onnx``)."""
     float_layers: list[str] = Field(default_factory=list)

@@ -105,3 +105,84 @@ def test_the_stage_result_records_the_precision_that_trained(
     Runner(load_config(write_config(TINY)), tmp_path / "run").run()
     info = json.loads((tmp_path / "run" / "distill" / "result.json").read_text())["info"]
     assert info["precision"] == "fp32" and info["precision_note"] == "no bf16 here"
+
+
+@pytest.mark.parametrize(
+    ("model", "size", "found"),
+    [
+        ("resnet10t", 8, ["layer3.0.conv1", "layer4.0.conv1"]),  # 1-pixel maps from layer3 on
+        ("resnet10t", 16, ["layer4.0.conv1"]),
+        ("resnet10t", 32, []),  # CIFAR-sized images: layer4 reads 2x2
+        ("mobilenetv3_small_100", 8, []),  # its strided convolutions are depthwise: computed right
+    ],
+)
+def test_strided_convolutions_over_one_pixel_wide_maps_are_found(model: str, size: int, found: list[str]) -> None:
+    """The convolutions whose CPU bf16 weight gradient torch computes wrong (see kdpipe.distill.precision), found by
+    a dry forward that leaves the network as it was (train mode, BatchNorm statistics)."""
+    import timm
+
+    from kdpipe.distill.precision import strided_convs_on_one_pixel
+
+    net = timm.create_model(model, num_classes=4).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert strided_convs_on_one_pixel({"student": net}, (3, size, size)) == found
+    assert all(m.training for m in net.modules())
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_trainer_trains_in_fp32_where_cpu_bf16_computes_wrong_gradients(
+    tmp_path: Path, native_bf16: Callable[[bool], None], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A randomly initialised resnet10t on 8x8 images: in CPU bf16 its stride-2 convolutions over 1x1 maps get
+    garbage weight gradients (nan, inf or 1e28-sized values, in most steps on an AMX Xeon; its loss went nan in CI),
+    so the trainer falls back to fp32 and says why; every step's gradients are then finite. On 32x32 images it
+    trains in bf16."""
+    import timm
+
+    native_bf16(True)
+
+    def trainer(size: int) -> Trainer:
+        torch.manual_seed(0)
+        student, teacher = (timm.create_model("resnet10t", num_classes=4) for _ in range(2))
+        return Trainer(
+            create_method(KDParams(), student, teacher),
+            TrainConfig(epochs=1, lr=0.1),
+            train_batches=[],
+            eval_batches=[],
+            num_classes=4,
+            device=CPU,
+            checkpoint_path=tmp_path / "last.pt",
+            fingerprint="x",
+            precision="bf16",
+            label="test",
+            input_shape=(3, size, size),
+        )
+
+    assert trainer(32).precision == "bf16"
+    with caplog.at_level(logging.INFO, logger="kdpipe.distill.trainer"):
+        small = trainer(8)
+    assert small.precision == "fp32" and "(layer3.0.conv1, layer4.0.conv1)" in small.resolved.reason
+    assert "precision bf16 asked for, training in fp32: torch" in caplog.text and "one pixel wide" in caplog.text
+    conv = small.method.student.layer4[0].conv1
+    for _ in range(6):
+        small.train_step(torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,)))
+        assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
+        assert conv.weight.grad[:, :, :, 2].abs().max() == 0  # the taps that only see padding
+
+
+def test_a_stage_on_images_too_small_for_cpu_bf16_records_why_it_trained_in_fp32(
+    tmp_path: Path, write_config: Callable[..., Path], native_bf16: Callable[[bool], None]
+) -> None:
+    """The stages hand the trainer their image shape: a resnet10t teacher on 8x8 images trains in fp32 on a bf16 CPU
+    (bf16 is the default precision there), and its result says why."""
+    from kdpipe.config import load_config
+    from kdpipe.pipeline.runner import Runner
+    from tests.conftest import TINY
+
+    native_bf16(True)
+    text = TINY.replace("model: resnet8", "model: resnet10t", 1).replace("lr: 0.05}}", "lr: 0.05}, precision: bf16}", 1)
+    text = text.replace("weights: {train: {epochs: 2, batch_size: 32, lr: 0.05}, precision: bf16}",
+                        "weights: {train: {epochs: 2, batch_size: 32, lr: 0.05}}\n    precision: bf16")  # fmt: skip
+    Runner(load_config(write_config(text)), tmp_path / "run", only="teacher").run()
+    info = json.loads((tmp_path / "run" / "teacher" / "result.json").read_text())["info"]
+    assert info["precision"] == "fp32" and "one pixel wide (layer3.0.conv1, layer4.0.conv1)" in info["precision_note"]

@@ -105,9 +105,9 @@ class QADConfig(StageConfig):
     width (7 bits while ``reduce_range``), and every layer's weight and input keep the scales fine-tuning trained
     (``onnxruntime_overrides``; the result's ``trained_scales`` lists any layer left to onnxruntime's calibration).
     ModelOpt's own graph quantizes only layer inputs, which onnxruntime leaves as float convolutions (measured 2.7-4x
-    slower on digits' resnet8). ``tensorrt``: ModelOpt's signed symmetric QDQ
-    graph as trained, what TensorRT builds int8 engines from (the stage's ``model.onnx`` in this layout; the
-    onnxruntime layout writes it beside its own graph as ``model.qdq.onnx``)."""
+    slower on digits' resnet8). ``tensorrt``: ModelOpt's signed symmetric QDQ graph as trained, what TensorRT builds
+    int8 engines from (the stage's ``model.onnx`` in this layout; the onnxruntime layout writes it beside its own
+    graph as ``model.qdq.onnx``)."""
     float_layers: list[str] = Field(default_factory=list)
     """Layers (fnmatch patterns of module names) allowed to stay float because ModelOpt cannot quantize them; any
     other such layer is an error that names it."""

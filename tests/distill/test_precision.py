@@ -60,10 +60,21 @@ def _trainer(tmp_path: Path, precision: str) -> tuple[Trainer, list[torch.dtype]
     teacher = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     seen: list[torch.dtype] = []
     student[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    method = create_method(KDParams(), student, teacher)
-    trainer = Trainer(
-        method,
-        TrainConfig(epochs=1, lr=0.01),
+    return _kd_trainer(tmp_path, student, teacher, precision, lr=0.01), seen
+
+
+def _kd_trainer(
+    tmp_path: Path,
+    student: nn.Module,
+    teacher: nn.Module,
+    precision: str,
+    lr: float,
+    input_shape: tuple[int, int, int] | None = None,
+) -> Trainer:
+    """A trainer of KD from ``teacher`` to ``student`` on CPU, without data (tests call train_step themselves)."""
+    return Trainer(
+        create_method(KDParams(), student, teacher),
+        TrainConfig(epochs=1, lr=lr),
         train_batches=[],
         eval_batches=[],
         num_classes=4,
@@ -72,8 +83,8 @@ def _trainer(tmp_path: Path, precision: str) -> tuple[Trainer, list[torch.dtype]
         fingerprint="x",
         precision=precision,  # type: ignore[arg-type]
         label="test",
+        input_shape=input_shape,
     )
-    return trainer, seen
 
 
 def test_the_trainer_runs_the_student_in_bf16_on_a_bf16_cpu(
@@ -144,19 +155,7 @@ def test_the_trainer_trains_in_fp32_where_cpu_bf16_computes_wrong_gradients(
     def trainer(size: int) -> Trainer:
         torch.manual_seed(0)
         student, teacher = (timm.create_model("resnet10t", num_classes=4) for _ in range(2))
-        return Trainer(
-            create_method(KDParams(), student, teacher),
-            TrainConfig(epochs=1, lr=0.1),
-            train_batches=[],
-            eval_batches=[],
-            num_classes=4,
-            device=CPU,
-            checkpoint_path=tmp_path / "last.pt",
-            fingerprint="x",
-            precision="bf16",
-            label="test",
-            input_shape=(3, size, size),
-        )
+        return _kd_trainer(tmp_path, student, teacher, "bf16", lr=0.1, input_shape=(3, size, size))
 
     assert trainer(32).precision == "bf16"
     with caplog.at_level(logging.INFO, logger="kdpipe.distill.trainer"):
